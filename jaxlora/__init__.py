@@ -1,0 +1,19 @@
+"""jaxlora: LoRA fine-tuning for JAX and Flax.
+
+Split a parameter tree into a frozen base and a low-rank delta, train the
+delta with any optax optimizer, merge it back for serving.
+"""
+
+from jaxlora._apply import lora_apply as lora_apply
+from jaxlora._config import LoraConfig as LoraConfig
+from jaxlora._delta import LoraNode as LoraNode
+from jaxlora._split import ParameterCount as ParameterCount
+from jaxlora._split import adapter_nbytes as adapter_nbytes
+from jaxlora._split import count_parameters as count_parameters
+from jaxlora._split import merge as merge
+from jaxlora._split import split as split
+from jaxlora._split import summary as summary
+from jaxlora._split import trainable_mask as trainable_mask
+from jaxlora._split import unmerge as unmerge
+
+__version__ = "0.1.0"

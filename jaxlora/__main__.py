@@ -1,0 +1,5 @@
+import sys
+
+from jaxlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""``LoraConfig``: which weights to adapt, and how."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxlora import _paths
+
+INITS = ("gaussian", "kaiming", "pissa", "olora")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """A frozen, validated description of a LoRA adapter.
+
+    For each targeted weight ``W`` (Flax layout ``(in, out)``) the model uses
+    ``W + s · a @ b`` with ``a: (in, rank)``, ``b: (rank, out)`` and
+    ``s = alpha / rank`` (``alpha / sqrt(rank)`` with ``rslora``).
+
+    Args:
+        rank: the adapter rank ``r`` (PEFT's ``r``), at least 1.
+        alpha: the scaling numerator (PEFT's ``lora_alpha``). ``None`` means twice
+            each path's rank, so that the scale is 2 everywhere.
+        targets: which parameters to adapt: a regex searched in ``/``-joined
+            parameter paths (``'layers_0/attention/query/kernel'``), a list of such
+            regexes, a preset (``"attention"``, ``"mlp"``, ``"all-linear"``) or a
+            predicate ``(path, leaf) -> bool``. Leaves with fewer than two axes
+            (biases, norm scales) and non-float leaves are never adapted.
+        exclude: paths to leave out, in the same forms as ``targets``.
+        dropout: dropout rate on the low-rank branch's input, in ``[0, 1)``.
+        init: how ``a`` starts (``b`` starts at zero unless stated):
+            ``"gaussian"`` (``a ~ N(0, std=1/rank)``, PEFT's ``"gaussian"``),
+            ``"kaiming"`` (kaiming-uniform ``a``, PEFT's default), ``"pissa"`` (``a``,
+            ``b`` from the top singular vectors of ``W``) or ``"olora"`` (from a QR
+            decomposition of ``W``). For ``pissa`` and ``olora`` the base becomes
+            ``W - s·a@b`` so that the model is unchanged at step 0.
+        rslora: use the rank-stabilized scale ``alpha / sqrt(rank)``.
+        rank_pattern: regex -> rank for some paths; the first regex found in a
+            path wins.
+        alpha_pattern: regex -> alpha for some paths; the first regex found wins.
+        stacked_axes: how many leading axes of a weight index stacked layers
+            (``nn.scan``, ``vmap``): an int for all targets or a mapping regex ->
+            int. ``None`` means 0.
+        input_axes: how many axes after the stacked ones are inputs: an int or a
+            mapping regex -> int. ``None`` means 1, and weights with four or more
+            non-stacked axes must then be described explicitly.
+        dtype: the dtype of ``a`` and ``b``.
+
+    Raises:
+        ValueError: for out-of-range values or invalid regexes.
+        TypeError: for values of the wrong type.
+
+    Example:
+        >>> import jaxlora
+        >>> config = jaxlora.LoraConfig(rank=4, targets=["query", "value"])
+        >>> config.scale_for("layers_0/query/kernel")
+        2.0
+        >>> jaxlora.LoraConfig(rank=4, rslora=True, alpha=8).scale_for("q")
+        4.0
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    targets: _paths.Targets = "attention"
+    exclude: _paths.Targets | None = None
+    dropout: float = 0.0
+    init: str = "gaussian"
+    rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    stacked_axes: int | Mapping[str, int] | None = None
+    input_axes: int | Mapping[str, int] | None = None
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        _check_int("rank", self.rank, minimum=1)
+        if self.alpha is not None:
+            _check_positive("alpha", self.alpha)
+        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1); got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.exclude, list):
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        _paths.target_predicate(self.targets, self.exclude)  # validates both
+        for name, check in (
+            ("rank_pattern", lambda k, v: _check_int(k, v, minimum=1)),
+            ("alpha_pattern", _check_positive),
+        ):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, Mapping):
+                raise TypeError(f"{name} must be a mapping regex -> value; got {pattern!r}")
+            for key, value in pattern.items():
+                _paths.compile_pattern(key, f"{name} key")
+                check(f"{name}[{key!r}]", value)
+            object.__setattr__(self, name, types.MappingProxyType(dict(pattern)))
+        for name, minimum in (("stacked_axes", 0), ("input_axes", 1)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, Mapping):
+                for key, n in value.items():
+                    _paths.compile_pattern(key, f"{name} key")
+                    _check_int(f"{name}[{key!r}]", n, minimum=minimum)
+                object.__setattr__(self, name, types.MappingProxyType(dict(value)))
+            else:
+                _check_int(name, value, minimum=minimum)
+        if not jnp.issubdtype(self.dtype, jnp.floating):
+            raise TypeError(f"dtype must be a floating dtype; got {self.dtype!r}")
+
+    def __hash__(self) -> int:
+        return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    def matcher(self) -> Callable[[str, Any], bool]:
+        """The predicate ``(path, leaf) -> bool`` that ``targets`` and ``exclude`` define."""
+        return _paths.target_predicate(self.targets, self.exclude)
+
+    def rank_for(self, path: str) -> int:
+        """The rank used at ``path`` (``rank_pattern`` first, then ``rank``)."""
+        return int(_paths.first_match(self.rank_pattern, path, self.rank))
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha used at ``path`` (``alpha_pattern``, then ``alpha``, then 2 × rank)."""
+        default = 2.0 * self.rank_for(path) if self.alpha is None else self.alpha
+        return float(_paths.first_match(self.alpha_pattern, path, default))
+
+    def scale_for(self, path: str) -> float:
+        """The scale ``s`` used at ``path``: ``alpha / rank``, or ``alpha / sqrt(rank)``."""
+        rank = self.rank_for(path)
+        return self.alpha_for(path) / (math.sqrt(rank) if self.rslora else rank)
+
+    def layout_for(self, path: str, shape: tuple[int, ...]) -> _paths.Layout:
+        """Reads the weight at ``path`` as ``stacked + inputs + outputs`` axes."""
+        stacked = self.stacked_axes
+        if isinstance(stacked, Mapping):
+            stacked = _paths.first_match(stacked, path, None)
+        inputs = self.input_axes
+        if isinstance(inputs, Mapping):
+            inputs = _paths.first_match(inputs, path, None)
+        return _paths.read_layout(path, shape, stacked, inputs)
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value}")
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted(value.items()))
+    return value

@@ -1,0 +1,351 @@
+"""``split``, ``merge``, ``unmerge`` and ``trainable_mask``: pure functions over pytrees."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora import _paths
+from jaxlora._config import LoraConfig
+from jaxlora._delta import LoraNode, init_factors, is_delta_leaf, is_node
+
+_MAX_LISTED_PATHS = 12
+
+
+def split(params: Any, config: LoraConfig, *, key: jax.Array) -> tuple[Any, Any]:
+    """Splits a parameter tree into a frozen base and a trainable low-rank delta.
+
+    Args:
+        params: any pytree of arrays: Flax linen ``params``, an ``nnx.State`` or a
+            plain dict.
+        config: which leaves to adapt and how.
+        key: a PRNG key for the adapters' initialization.
+
+    Returns:
+        ``(base, delta)``. ``base`` has ``params``' structure and holds the frozen
+        weights (the same arrays, except that ``pissa``/``olora`` subtract their
+        initial product). ``delta`` mirrors ``params`` with a :class:`LoraNode` at
+        each adapted leaf and ``None`` elsewhere.
+
+    Raises:
+        ValueError: if ``targets`` match no adaptable leaf (the message lists the
+            paths that could be targeted), if a rank exceeds ``min(in, out)`` of
+            its weight, or if a weight's layout is ambiguous.
+        TypeError: if a targeted leaf is not a floating-point array.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"query": {"kernel": jnp.ones((4, 6))}, "norm": {"scale": jnp.ones(6)}}
+        >>> config = jaxlora.LoraConfig(rank=2, targets="query")
+        >>> base, delta = jaxlora.split(params, config, key=jax.random.key(0))
+        >>> delta["query"]["kernel"].a.shape, delta["query"]["kernel"].b.shape
+        ((4, 2), (2, 6))
+        >>> delta["norm"]["scale"] is None
+        True
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a jaxlora.LoraConfig; got {type(config).__name__}")
+    matches = config.matcher()
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_paths.is_box)
+    base_leaves, delta_leaves = [], []
+    candidates = []
+    for index, (key_path, leaf) in enumerate(flat):
+        path = _paths.path_str(key_path)
+        value = _paths.unbox(leaf)
+        if _adaptable(value):
+            candidates.append(path)
+        if not matches(path, value) or (_is_array(value) and value.ndim < 2):
+            base_leaves.append(leaf)
+            delta_leaves.append(None)
+            continue
+        if not _adaptable(value):
+            raise TypeError(
+                f"targets matched {path!r}, which is {_describe(value)}; only floating-point "
+                "arrays with at least two axes can be adapted. Narrow `targets` or add this "
+                "path to `exclude`."
+            )
+        node, new_weight = _make_node(jax.random.fold_in(key, index), path, value, config)
+        base_leaves.append(leaf if new_weight is None else _paths.rebox(leaf, new_weight))
+        delta_leaves.append(node)
+    if not any(d is not None for d in delta_leaves):
+        shown = ", ".join(repr(p) for p in candidates[:_MAX_LISTED_PATHS])
+        more = f" and {len(candidates) - _MAX_LISTED_PATHS} more" if len(candidates) > 12 else ""
+        raise ValueError(
+            f"targets={config.targets!r} (exclude={config.exclude!r}) matched no adaptable "
+            f"parameter. Adaptable paths look like: {shown or '(none: no float leaf has 2+ axes)'}"
+            f"{more}. Pass a regex that matches some of them."
+        )
+    return treedef.unflatten(base_leaves), treedef.unflatten(delta_leaves)
+
+
+def _make_node(
+    key: jax.Array, path: str, weight: Any, config: LoraConfig
+) -> tuple[LoraNode, jax.Array | None]:
+    layout = config.layout_for(path, tuple(weight.shape))
+    rank = config.rank_for(path)
+    if rank > min(layout.n_in, layout.n_out):
+        raise ValueError(
+            f"rank {rank} is too large for {path!r}: its weight {tuple(weight.shape)} reads as "
+            f"(in={layout.n_in}, out={layout.n_out}) and a rank must be <= min(in, out) = "
+            f"{min(layout.n_in, layout.n_out)}. Lower `rank` or set rank_pattern for this path."
+        )
+    scale = config.scale_for(path)
+    a, b, new_weight = init_factors(
+        key, weight, layout, rank=rank, scale=scale, init=config.init, dtype=config.dtype
+    )
+    node = LoraNode(a, b, jnp.float32(scale), layout=layout, dropout=float(config.dropout))
+    return node, new_weight
+
+
+def merge(base: Any, delta: Any) -> Any:
+    """Returns ``base`` with ``W + s·a@b`` at every adapted leaf.
+
+    The sum is computed in float32 and cast back to each weight's dtype.
+
+    Args:
+        base: the frozen tree from :func:`split` (or any tree of its structure).
+        delta: the matching delta.
+
+    Returns:
+        A tree of ``base``'s structure, ready for the unadapted apply function.
+
+    Raises:
+        ValueError: if the trees' structures or an adapted weight's shape differ.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+        >>> base, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=1, targets="dense"),
+        ...                             key=jax.random.key(0))
+        >>> bool(jnp.all(jaxlora.merge(base, delta)["dense"]["kernel"] == 1.0))  # b starts at 0
+        True
+    """
+    return _apply_delta(base, delta, sign=1.0)
+
+
+def unmerge(params: Any, delta: Any) -> Any:
+    """The inverse of :func:`merge`: ``W - s·a@b`` at every adapted leaf (float32, cast back).
+
+    Args:
+        params: a merged tree.
+        delta: the delta that was merged into it.
+
+    Returns:
+        The base tree, up to floating-point rounding.
+
+    Raises:
+        ValueError: if the trees' structures or an adapted weight's shape differ.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(1), (4, 3))}}
+        >>> base, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=1, targets="dense"),
+        ...                             key=jax.random.key(0))
+        >>> back = jaxlora.unmerge(jaxlora.merge(base, delta), delta)
+        >>> bool(jnp.allclose(back["dense"]["kernel"], base["dense"]["kernel"]))
+        True
+    """
+    return _apply_delta(params, delta, sign=-1.0)
+
+
+def _apply_delta(base: Any, delta: Any, *, sign: float) -> Any:
+    check_structure(base, delta)
+
+    def one(path: Any, node: LoraNode | None, leaf: Any) -> Any:
+        if node is None:
+            return leaf
+        weight = _paths.unbox(leaf)
+        _check_weight(_paths.path_str(path), node, weight)
+        merged = weight.astype(jnp.float32) + sign * node.delta_weight(jnp.float32)
+        return _paths.rebox(leaf, merged.astype(weight.dtype))
+
+    return jax.tree_util.tree_map_with_path(one, delta, base, is_leaf=is_delta_leaf)
+
+
+def check_structure(base: Any, delta: Any) -> None:
+    """Raises a ``ValueError`` naming the first path where ``base`` and ``delta`` differ."""
+    base_paths = [p for p, _ in _paths.leaves_with_paths(base)]
+    delta_flat, delta_def = jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_delta_leaf)
+    delta_paths = [_paths.path_str(p) for p, _ in delta_flat]
+    if base_paths == delta_paths:
+        try:
+            delta_def.flatten_up_to(base)
+            return
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"base and delta have different tree structures: {e}. Pass the base and "
+                "delta that jaxlora.split returned for the same parameters."
+            ) from None
+    missing = [p for p in delta_paths if p not in set(base_paths)]
+    extra = [p for p in base_paths if p not in set(delta_paths)]
+    where = (
+        f"delta has {missing[0]!r}, which base lacks"
+        if missing
+        else f"base has {extra[0]!r}, which delta lacks"
+        if extra
+        else "the paths come in a different order"
+    )
+    raise ValueError(
+        f"base and delta have different tree structures: {where} "
+        f"(base has {len(base_paths)} leaves, delta {len(delta_paths)}). Pass the base and "
+        "delta that jaxlora.split returned for the same parameters."
+    )
+
+
+def _check_weight(path: str, node: LoraNode, weight: Any) -> None:
+    if not hasattr(weight, "shape") or tuple(weight.shape) != node.layout.shape:
+        found = tuple(weight.shape) if hasattr(weight, "shape") else _describe(weight)
+        raise ValueError(
+            f"the adapter at {path!r} was made for a weight of shape {node.layout.shape}, "
+            f"but the base holds {found}. Pass the base that jaxlora.split returned with this "
+            "delta."
+        )
+
+
+def trainable_mask(tree: Any) -> Any:
+    """A bool tree that is ``True`` exactly on trainable adapter leaves.
+
+    Use it with ``optax.masked`` or ``optax.transforms.partition`` so that the
+    optimizer only updates (and only keeps state for) the adapters.
+
+    Args:
+        tree: a delta, or any tree that contains adapter nodes (such as
+            ``(base, delta)``); every other leaf is marked ``False``.
+
+    Returns:
+        A tree of ``tree``'s structure: ``a`` and ``b`` of each adapter are
+        ``True``; scales and everything else are ``False``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+        >>> _, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=1, targets="dense"),
+        ...                          key=jax.random.key(0))
+        >>> mask = jaxlora.trainable_mask(delta)
+        >>> mask["dense"]["kernel"].a, mask["dense"]["kernel"].scale, mask["dense"]["bias"]
+        (True, False, None)
+    """
+
+    def one(x: Any) -> Any:
+        if is_node(x):
+            return x.trainable_mask()
+        return False
+
+    return jax.tree.map(one, tree, is_leaf=is_node)
+
+
+class ParameterCount(NamedTuple):
+    """Trainable and total parameter counts; ``total`` includes the adapters."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        """The trainable share of ``total``, in percent."""
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+            f"|| trainable%: {self.percent:.4f}"
+        )
+
+
+def count_parameters(base: Any, delta: Any) -> ParameterCount:
+    """Counts trainable (adapter) and total (base + adapter) parameters.
+
+    Args:
+        base: the frozen tree.
+        delta: its delta.
+
+    Returns:
+        A :class:`ParameterCount`; ``str()`` of it reads like PEFT's
+        ``print_trainable_parameters``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jnp.ones((10, 10))}}
+        >>> base, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=2, targets="dense"),
+        ...                             key=jax.random.key(0))
+        >>> jaxlora.count_parameters(base, delta)
+        ParameterCount(trainable=40, total=140)
+    """
+    mask = trainable_mask(delta)
+    trainable = sum(
+        int(x.size) for x, m in zip(jax.tree.leaves(delta), jax.tree.leaves(mask), strict=True) if m
+    )
+    frozen = sum(
+        int(_paths.unbox(x).size)
+        for _, x in _paths.leaves_with_paths(base)
+        if _is_array(_paths.unbox(x))
+    )
+    return ParameterCount(trainable=trainable, total=frozen + trainable)
+
+
+def adapter_nbytes(delta: Any) -> int:
+    """The bytes a delta's arrays occupy (what an adapter checkpoint stores).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jnp.ones((10, 10))}}
+        >>> _, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=2, targets="dense"),
+        ...                          key=jax.random.key(0))
+        >>> jaxlora.adapter_nbytes(delta)  # 40 float32 + the float32 scale
+        164
+    """
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(delta))
+
+
+def summary(delta: Any) -> str:
+    """A readable table of the adapted paths with their shapes, ranks and scales.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxlora
+        >>> params = {"dense": {"kernel": jnp.ones((10, 6))}}
+        >>> _, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=2, targets="dense"),
+        ...                          key=jax.random.key(0))
+        >>> print(jaxlora.summary(delta))
+        path          weight   rank  scale  params
+        dense/kernel  (10, 6)     2   2.00      32
+        1 adapted weight, 32 trainable parameters
+    """
+    rows = []
+    for key_path, node in jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_node)[0]:
+        if not is_node(node):
+            continue
+        rows.append(
+            (
+                _paths.path_str(key_path),
+                str(node.layout.shape),
+                str(node.rank),
+                f"{float(node.scale):.2f}",
+                str(node.a.size + node.b.size),
+            )
+        )
+    header = ("path", "weight", "rank", "scale", "params")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, *rows]
+    ]
+    total = sum(int(r[4]) for r in rows)
+    plural = "" if len(rows) == 1 else "s"
+    lines.append(f"{len(rows)} adapted weight{plural}, {total} trainable parameters")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _adaptable(x: Any) -> bool:
+    return _paths.is_float_array(x) and x.ndim >= 2
+
+
+def _describe(x: Any) -> str:
+    if _is_array(x):
+        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return f"a {type(x).__name__} ({x!r:.40})"

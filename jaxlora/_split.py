@@ -328,7 +328,10 @@ def summary(delta: Any) -> str:
     header = ("path", "weight", "rank", "scale", "params")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
-        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
         for r in [header, *rows]
     ]
     total = sum(int(r[4]) for r in rows)

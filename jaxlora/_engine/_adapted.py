@@ -1,0 +1,192 @@
+"""``Adapted``: a view of an adapted weight, kept in factored form.
+
+The interpreter holds one of these wherever the traced program holds a
+targeted weight ``W`` or a view of it (a transpose, reshape, cast, squeeze).
+It never builds ``W + s·a@b``; it keeps
+
+* ``base``: the view of the frozen weight, exactly as the program computes it;
+* ``a``: ``(*S, *I, r)`` and ``b``: ``(*S, r, *O)``: the low-rank factors, whose
+  stacked (``S``), input (``I``) and output (``O``) axes are the *role axes*;
+* ``roles``: for each axis of the view, which role axis it is.
+
+so that the view's value is ``base + scale · (a ⊗_r b)`` with the role axes
+arranged in the view's order. View ops that keep each role's axes together
+(and in order) map to cheap reshapes of the factors; rules for the ops that
+consume a weight (``dot_general``, ``gather``, ``conv``) read the roles to
+emit the factored computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora._delta import LoraNode
+
+Role = tuple[str, int]  # ("s" | "i" | "o", index within that role's axes)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapted:
+    """A (view of an) adapted weight in factored form; see the module docstring."""
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+    roles: tuple[Role, ...] = dataclasses.field(metadata=dict(static=True))
+    path: str = dataclasses.field(metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    @property
+    def n_stacked(self) -> int:
+        return sum(1 for g, _ in self.roles if g == "s")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.base.dtype
+
+    def factor_letters(self, letters: dict[Role, str], rank: str) -> tuple[str, str]:
+        """Einsum subscripts of ``a`` and ``b`` given a letter for every role axis."""
+        s = "".join(letters[("s", k)] for k in range(self.n_stacked))
+        n_in = self.a.ndim - self.n_stacked - 1
+        n_out = self.b.ndim - self.n_stacked - 1
+        i = "".join(letters[("i", k)] for k in range(n_in))
+        o = "".join(letters[("o", k)] for k in range(n_out))
+        return s + i + rank, s + rank + o
+
+
+def from_node(weight: Any, node: LoraNode, path: str) -> Adapted:
+    """The ``Adapted`` value of a weight as the program first sees it."""
+    layout = node.layout
+    ns, ni = len(layout.stacked), len(layout.inputs)
+    roles = (
+        [("s", k) for k in range(ns)]
+        + [("i", k) for k in range(ni)]
+        + [("o", k) for k in range(len(layout.outputs))]
+    )
+    a = node.a.reshape(*layout.stacked, *layout.inputs, node.rank)
+    b = node.b.reshape(*layout.stacked, node.rank, *layout.outputs)
+    return Adapted(weight, a, b, node.scale, tuple(roles), path, node.dropout)
+
+
+def letters_for(n: int, *, skip: str = "") -> list[str]:
+    """``n`` distinct einsum letters, none of them in ``skip``."""
+    pool = [c for c in string.ascii_letters if c not in skip]
+    if n > len(pool):
+        raise ValueError(f"an einsum with {n} axes is beyond this engine's {len(pool)} letters")
+    return pool[:n]
+
+
+def frozen_scale(v: Adapted) -> jax.Array:
+    """The scale, with its gradient stopped: scales are not trained."""
+    return jax.lax.stop_gradient(v.scale)
+
+
+def materialize(v: Adapted) -> jax.Array:
+    """``base + scale · a@b`` in the view's axis order, computed in float32, cast back."""
+    letters = dict(zip(v.roles, letters_for(len(v.roles) + 1), strict=False))
+    rank = letters_for(len(v.roles) + 1)[-1]
+    sa, sb = v.factor_letters(letters, rank)
+    out = "".join(letters[role] for role in v.roles)
+    delta = jnp.einsum(
+        f"{sa},{sb}->{out}",
+        v.a.astype(jnp.float32),
+        v.b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    delta = frozen_scale(v).astype(jnp.float32) * delta
+    return (v.base.astype(jnp.float32) + delta).astype(v.base.dtype)
+
+
+# ------------------------------------------------------------------ view ops
+
+
+def transpose(v: Adapted, base: Any, permutation: tuple[int, ...]) -> Adapted:
+    return dataclasses.replace(v, base=base, roles=tuple(v.roles[p] for p in permutation))
+
+
+def reshape(v: Adapted, base: Any, new_shape: tuple[int, ...]) -> Adapted | None:
+    """The view after a row-major reshape, or ``None`` if the reshape mixes role axes.
+
+    Size-1 axes are dropped from the factors; the new shape's size-1 axes become
+    new size-1 output axes. The other axes are grouped into runs whose sizes
+    multiply to the same number on both sides. Each run must hold axes of one
+    role that are consecutive, in order, within that role: then reshaping the
+    factors reshapes the weight's delta the same way.
+    """
+    ns = v.n_stacked
+    sizes = {"s": v.a.shape[:ns], "i": v.a.shape[ns:-1], "o": v.b.shape[ns + 1 :]}
+    live = {kind: [k for k, n in enumerate(ks) if n != 1] for kind, ks in sizes.items()}
+    old = [(n, (g, live[g].index(k))) for n, (g, k) in zip(v.shape, v.roles, strict=True) if n != 1]
+    runs = _runs([n for n, _ in old], [n for n in new_shape if n != 1])
+    if runs is None:
+        return None
+    pieces: dict[str, list[tuple[int, list[int]]]] = {"s": [], "i": [], "o": []}
+    run_roles = []
+    position = 0
+    for n_old, new_sizes in runs:
+        group = [role for _, role in old[position : position + n_old]]
+        position += n_old
+        kind, first = group[0]
+        if group != [(kind, first + m) for m in range(n_old)]:
+            return None
+        pieces[kind].append((first, new_sizes))
+        run_roles.append((kind, first))
+    new_sizes_of: dict[str, list[int]] = {}
+    start_of: dict[tuple[str, int], int] = {}
+    for kind, runs_of_kind in pieces.items():
+        flat: list[int] = []
+        for first, new_sizes in sorted(runs_of_kind):
+            start_of[(kind, first)] = len(flat)
+            flat.extend(new_sizes)
+        new_sizes_of[kind] = flat
+    roles: list[Role] = []
+    run_iter = iter(zip(run_roles, [r[1] for r in runs], strict=True))
+    pending: list[Role] = []
+    for n in new_shape:
+        if n == 1:
+            roles.append(("o", len(new_sizes_of["o"])))
+            new_sizes_of["o"].append(1)
+            continue
+        if not pending:
+            (kind, first), new_sizes = next(run_iter)
+            start = start_of[(kind, first)]
+            pending = [(kind, start + m) for m in range(len(new_sizes))]
+        roles.append(pending.pop(0))
+    rank = v.a.shape[-1]
+    a = v.a.reshape(*new_sizes_of["s"], *new_sizes_of["i"], rank)
+    b = v.b.reshape(*new_sizes_of["s"], rank, *new_sizes_of["o"])
+    return dataclasses.replace(v, base=base, a=a, b=b, roles=tuple(roles))
+
+
+def _runs(old: list[int], new: list[int]) -> list[tuple[int, list[int]]] | None:
+    """Groups ``old`` and ``new`` sizes (none of them 1) into runs of equal product."""
+    runs, i, j = [], 0, 0
+    while i < len(old) and j < len(new):
+        p, q, i0, j0 = old[i], new[j], i, j
+        i, j = i + 1, j + 1
+        while p != q:
+            if p < q and i < len(old):
+                p, i = p * old[i], i + 1
+            elif q < p and j < len(new):
+                q, j = q * new[j], j + 1
+            else:
+                return None
+        runs.append((i - i0, new[j0:j]))
+    return runs if i == len(old) and j == len(new) else None
+
+
+def total(sizes: tuple[int, ...]) -> int:
+    """The number of elements of an array of shape ``sizes``."""
+    return math.prod(sizes)

@@ -1,0 +1,329 @@
+"""The interpreter: evaluates a jaxpr in which some inputs are ``Adapted`` weights.
+
+This is the one module that touches JAX's jaxpr data structures (through
+``jax.extend.core``) and the parameter names of its primitives. Those names
+are not a stable API: the tests pin the JAX range in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+from jaxlora._engine import _adapted, _rules
+from jaxlora._engine._adapted import Adapted
+
+
+class FallbackWarning(UserWarning):
+    """A use of an adapted weight that the engine could not factor: it merged the weight there."""
+
+
+class FallbackError(ValueError):
+    """Raised in strict mode where the engine would otherwise merge a weight at its use."""
+
+
+_VIEW_OPS = {
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "sharding_constraint",
+    "optimization_barrier",
+}
+_INLINED_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call"}
+
+
+@dataclasses.dataclass
+class Context:
+    """What one evaluation needs beyond the values: fallback policy and dropout keys."""
+
+    strict: bool
+    warned: set[tuple[str, str]]
+    dropout_key: jax.Array | None = None
+    sites: int = 0
+
+    def next_key(self) -> jax.Array | None:
+        """A fresh key for the next use site (deterministic in trace order)."""
+        self.sites += 1
+        if self.dropout_key is None:
+            return None
+        return jax.random.fold_in(self.dropout_key, self.sites)
+
+    def child(self, key: jax.Array | None) -> Context:
+        return Context(self.strict, self.warned, key)
+
+    def fallback(self, primitive: str, v: Adapted) -> jax.Array:
+        if self.strict:
+            raise FallbackError(
+                f"`{primitive}` uses the adapted weight {v.path!r} in a way the use-site "
+                "engine cannot factor, and strict=True forbids merging it there. Use "
+                "strategy='merge', strict=False (merges this weight at this use only), "
+                "or change how the model uses the weight."
+            )
+        if (primitive, v.path) not in self.warned:
+            self.warned.add((primitive, v.path))
+            warnings.warn(
+                f"jaxlora: `{primitive}` uses the adapted weight {v.path!r} in a way the "
+                "use-site engine cannot factor; it merges W + s·a@b at this use only.",
+                FallbackWarning,
+                stacklevel=2,
+            )
+        return _adapted.materialize(v)
+
+
+def evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list:
+    """Evaluates ``jaxpr``; ``Adapted`` inputs flow through views and meet factored rules."""
+    env: dict[Any, Any] = {}
+
+    def read(var: Any) -> Any:
+        return var.val if isinstance(var, jcore.Literal) else env[var]
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(v, Adapted) for v in invals):
+            outvals = _adapted_eqn(eqn, invals, ctx)
+        else:
+            outvals = _bind(eqn, invals)
+        for var, value in zip(eqn.outvars, outvals, strict=True):
+            env[var] = value
+    return [_plain(read(v), "output", ctx) for v in jaxpr.outvars]
+
+
+def _bind(eqn: Any, invals: list) -> list:
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _plain(value: Any, primitive: str, ctx: Context) -> Any:
+    return ctx.fallback(primitive, value) if isinstance(value, Adapted) else value
+
+
+def _adapted_eqn(eqn: Any, invals: list, ctx: Context) -> list:
+    name = eqn.primitive.name
+    rule = _RULES.get(name)
+    if rule is not None:
+        out = rule(eqn, invals, ctx)
+        if out is not None:
+            return out
+    return _bind(eqn, [_plain(v, name, ctx) for v in invals])
+
+
+# ------------------------------------------------------------------ views
+
+
+def _view(eqn: Any, invals: list, ctx: Context) -> list | None:
+    (v,) = invals
+    base = _bind(eqn, [v.base])[0]
+    return [dataclasses.replace(v, base=base)]
+
+
+def _transpose(eqn: Any, invals: list, ctx: Context) -> list | None:
+    (v,) = invals
+    base = _bind(eqn, [v.base])[0]
+    return [_adapted.transpose(v, base, tuple(eqn.params["permutation"]))]
+
+
+def _reshape(eqn: Any, invals: list, ctx: Context) -> list | None:
+    v = invals[0]
+    if len(invals) != 1 or (eqn.params.get("dimensions") not in (None, ())):
+        return None
+    base = _bind(eqn, [v.base])[0]
+    out = _adapted.reshape(v, base, tuple(base.shape))
+    return None if out is None else [out]
+
+
+def _broadcast_in_dim(eqn: Any, invals: list, ctx: Context) -> list | None:
+    v = invals[0]
+    shape = tuple(eqn.params["shape"])
+    if len(invals) != 1 or jnp.size(v.base) != _adapted.total(shape):
+        return None  # a real broadcast, not an added size-1 axis
+    return _reshape_to(eqn, v, shape)
+
+
+def _reshape_to(eqn: Any, v: Adapted, shape: tuple[int, ...]) -> list | None:
+    base = _bind(eqn, [v.base])[0]
+    out = _adapted.reshape(v, base, shape)
+    return None if out is None else [out]
+
+
+def _squeeze(eqn: Any, invals: list, ctx: Context) -> list | None:
+    v = invals[0]
+    base = _bind(eqn, [v.base])[0]
+    out = _adapted.reshape(v, base, tuple(base.shape))
+    return None if out is None else [out]
+
+
+# ------------------------------------------------------------------ consumers
+
+
+def _dropped(x: jax.Array, rate: float, ctx: Context) -> jax.Array:
+    key = ctx.next_key()
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
+    lhs, rhs = invals
+    if isinstance(lhs, Adapted) and isinstance(rhs, Adapted):
+        lhs = ctx.fallback("dot_general", lhs)  # W1 @ W2: factor the second only
+    weight_is_lhs = isinstance(lhs, Adapted)
+    v, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
+    plain = (v.base, x) if weight_is_lhs else (x, v.base)
+    y = _bind(eqn, list(plain))[0]
+    term = _rules.dot_general(
+        _dropped(x, v.dropout, ctx),
+        v,
+        weight_is_lhs=weight_is_lhs,
+        dimension_numbers=eqn.params["dimension_numbers"],
+    )
+    return [y + term.astype(y.dtype)]
+
+
+def _gather(eqn: Any, invals: list, ctx: Context) -> list | None:
+    v, indices = invals
+    if not isinstance(v, Adapted) or isinstance(indices, Adapted):
+        return None
+    term = _rules.gather(indices, v, **eqn.params)
+    if term is None:
+        return None
+    y = _bind(eqn, [v.base, indices])[0]
+    return [y + term.astype(y.dtype)]
+
+
+def _conv(eqn: Any, invals: list, ctx: Context) -> list | None:
+    x, v = invals
+    if isinstance(x, Adapted) or not isinstance(v, Adapted):
+        return None
+    term = _rules.conv(_dropped(x, v.dropout, ctx), v, **eqn.params)
+    if term is None:
+        return None
+    y = _bind(eqn, [x, v.base])[0]
+    return [y + term.astype(y.dtype)]
+
+
+# ------------------------------------------------------------------ control flow
+
+
+def _inline(params: dict, invals: list, ctx: Context) -> list:
+    """Evaluates a call's body in place (nested ``jit``, custom derivative wrappers)."""
+    closed = params.get("jaxpr", params.get("call_jaxpr"))
+    if isinstance(closed, jcore.ClosedJaxpr):
+        return evaluate(closed.jaxpr, closed.consts, invals, ctx)
+    return evaluate(closed, [], invals, ctx)
+
+
+def _call(eqn: Any, invals: list, ctx: Context) -> list | None:
+    return _inline(eqn.params, invals, ctx)
+
+
+def _remat(eqn: Any, invals: list, ctx: Context) -> list | None:
+    jaxpr = eqn.params["jaxpr"]
+    key = ctx.next_key()
+
+    def body(*args: Any) -> list:
+        return evaluate(jaxpr, [], args, ctx.child(key))
+
+    policy = eqn.params.get("policy")
+    return list(
+        jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True), policy=policy)(
+            *invals
+        )
+    )
+
+
+def _scan(eqn: Any, invals: list, ctx: Context) -> list | None:
+    p = eqn.params
+    closed, n_consts, n_carry, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
+    consts = invals[:n_consts]
+    init = [_plain(v, "scan carry", ctx) for v in invals[n_consts : n_consts + n_carry]]
+    xs = [_sliceable(v, length, ctx) for v in invals[n_consts + n_carry :]]
+    key = ctx.next_key()
+    keys = None if key is None else jax.random.split(key, length)
+
+    def body(carry: list, x: tuple) -> tuple:
+        xs_i, key_i = x
+        out = evaluate(closed.jaxpr, closed.consts, [*consts, *carry, *xs_i], ctx.child(key_i))
+        return out[:n_carry], out[n_carry:]
+
+    carry, ys = lax.scan(
+        body, init, (xs, keys), length=length, reverse=p["reverse"], unroll=p["unroll"]
+    )
+    return [*carry, *ys]
+
+
+def _sliceable(v: Any, length: int, ctx: Context) -> Any:
+    """An ``Adapted`` scanned over its leading axis, arranged so that ``scan`` can slice it."""
+    if not isinstance(v, Adapted):
+        return v
+    group, k = v.roles[0]
+    if group != "s":
+        return ctx.fallback("scan over a non-stacked axis", v)
+    a = jnp.moveaxis(v.a, k, 0)
+    b = jnp.moveaxis(v.b, k, 0)
+    roles = tuple((g, j - (g == "s" and j > k)) for g, j in v.roles[1:])
+    scale = jnp.broadcast_to(v.scale, (length,))
+    return Adapted(v.base, a, b, scale, roles, v.path, v.dropout)
+
+
+def _while(eqn: Any, invals: list, ctx: Context) -> list | None:
+    p = eqn.params
+    cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts = invals[:nc], invals[nc : nc + nb]
+    init = [_plain(v, "while carry", ctx) for v in invals[nc + nb :]]
+    key = ctx.next_key()
+
+    def cond_fun(state: tuple) -> Any:
+        _i, carry = state
+        return evaluate(cond.jaxpr, cond.consts, [*cond_consts, *carry], ctx.child(None))[0]
+
+    def body_fun(state: tuple) -> tuple:
+        i, carry = state
+        key_i = None if key is None else jax.random.fold_in(key, i)
+        out = evaluate(body.jaxpr, body.consts, [*body_consts, *carry], ctx.child(key_i))
+        return i + 1, out
+
+    _, out = lax.while_loop(cond_fun, body_fun, (jnp.int32(0), init))
+    return list(out)
+
+
+def _cond(eqn: Any, invals: list, ctx: Context) -> list | None:
+    index, *ops = invals
+    key = ctx.next_key()
+    branches = [
+        (lambda *args, br=br: evaluate(br.jaxpr, br.consts, args, ctx.child(key)))
+        for br in eqn.params["branches"]
+    ]
+    return list(lax.switch(index, branches, *ops))
+
+
+_RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
+    **{name: _view for name in _VIEW_OPS},
+    "transpose": _transpose,
+    "reshape": _reshape,
+    "squeeze": _squeeze,
+    "broadcast_in_dim": _broadcast_in_dim,
+    "dot_general": _dot_general,
+    "gather": _gather,
+    "conv_general_dilated": _conv,
+    **{name: _call for name in _INLINED_CALLS},
+    "remat2": _remat,
+    "checkpoint": _remat,
+    "scan": _scan,
+    "while": _while,
+    "cond": _cond,
+}

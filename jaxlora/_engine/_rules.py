@@ -1,0 +1,177 @@
+"""Factored rules for the primitives that consume a weight.
+
+Each rule returns the primitive's output for ``op(x, W + s·Δ)`` as
+``op(x, W) + s · term`` where ``term`` is computed from the factors without
+building ``Δ = a ⊗_r b``, or ``None`` when the use does not fit the rule (the
+interpreter then materializes the weight at that use).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxlora._engine._adapted import Adapted, frozen_scale, letters_for
+
+
+def _low_rank_einsum(
+    x: jax.Array,
+    x_letters: str,
+    v: Adapted,
+    v_letters: str,
+    out_letters: str,
+    *,
+    preferred: Any = None,
+) -> jax.Array:
+    """``einsum(x, Δ)`` with ``Δ`` the view's delta, contracting ``x`` with a factor first.
+
+    ``v_letters`` name the view's axes; the factors get the same letters on
+    their role axes plus one for the rank. ``x`` meets the factor with which it
+    contracts more elements first, so the intermediate has a rank-sized axis.
+    """
+    rank = letters_for(1, skip=x_letters + v_letters + out_letters)[0]
+    letters = dict(zip(v.roles, v_letters, strict=True))
+    sa, sb = v.factor_letters(letters, rank)
+    contracted = set(x_letters) - set(out_letters)
+    size = dict(zip(x_letters, x.shape, strict=True))
+
+    def shared(factor: str) -> int:
+        n = 1
+        for c in contracted & set(factor):
+            n *= size[c]
+        return n
+
+    first, second = (v.a, sa), (v.b, sb)
+    if shared(sb) > shared(sa):
+        first, second = second, first
+    dtype = jnp.promote_types(x.dtype, v.a.dtype)
+    keep = set(second[1]) | set(out_letters)
+    mid = "".join(dict.fromkeys(c for c in x_letters + first[1] if c in keep))
+    t = jnp.einsum(f"{x_letters},{first[1]}->{mid}", x.astype(dtype), first[0].astype(dtype))
+    out = jnp.einsum(
+        f"{mid},{second[1]}->{out_letters}",
+        t,
+        second[0].astype(dtype),
+        preferred_element_type=preferred,
+    )
+    return frozen_scale(v).astype(out.dtype) * out
+
+
+def dot_general(
+    x: jax.Array, v: Adapted, *, weight_is_lhs: bool, dimension_numbers: Any, **_: Any
+) -> jax.Array:
+    """The low-rank term of ``dot_general(x, W)`` (or ``dot_general(W, x)``)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if weight_is_lhs:
+        (xc, vc), (xb, vb) = (rc, lc), (rb, lb)
+    else:
+        (xc, vc), (xb, vb) = (lc, rc), (lb, rb)
+    letters = letters_for(x.ndim + v.base.ndim)
+    xl = letters[: x.ndim]
+    vl = letters[x.ndim :]
+    for i, j in zip(xc, vc, strict=True):
+        vl[j] = xl[i]
+    for i, j in zip(xb, vb, strict=True):
+        vl[j] = xl[i]
+    batch = "".join(xl[i] for i in xb)
+    x_free = "".join(c for k, c in enumerate(xl) if k not in xc and k not in xb)
+    v_free = "".join(c for k, c in enumerate(vl) if k not in vc and k not in vb)
+    out = batch + (v_free + x_free if weight_is_lhs else x_free + v_free)
+    return _low_rank_einsum(x, "".join(xl), v, "".join(vl), out)
+
+
+def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
+    """The low-rank term of an embedding lookup ``gather(W, indices)``.
+
+    Fits lookups that index only input axes (each with slice size 1, all of
+    them collapsed) and take whole output and stacked axes: then
+    ``gather(Δ, ids) = gather(a, ids) ⊗_r b``.
+    """
+    dnums = params["dimension_numbers"]
+    if dnums.operand_batching_dims or dnums.start_indices_batching_dims:
+        return None
+    inputs = [d for d, (g, _) in enumerate(v.roles) if g == "i"]
+    if sorted(dnums.collapsed_slice_dims) != inputs or not set(dnums.start_index_map) <= set(
+        inputs
+    ):
+        return None
+    slice_sizes = params["slice_sizes"]
+    for d, n in enumerate(v.shape):
+        if d not in inputs and slice_sizes[d] != n:
+            return None
+    # gather rows of `a`, laid out as the view's stacked + input axes in view order, then rank
+    ns = v.n_stacked
+    view_axes = [d for d, (g, _) in enumerate(v.roles) if g != "o"]
+    a_axis = {("s", k): k for k in range(ns)} | {("i", k): ns + k for k in range(v.a.ndim - ns - 1)}
+    a = jnp.transpose(v.a, [a_axis[v.roles[d]] for d in view_axes] + [v.a.ndim - 1])
+    new_pos = {d: p for p, d in enumerate(view_axes)}
+    rank = v.a.shape[-1]
+    out_rank = indices.ndim - 1 + (a.ndim - len(inputs))
+    offset = tuple(range(out_rank - (a.ndim - len(inputs)), out_rank))
+    a_dnums = lax.GatherDimensionNumbers(
+        offset_dims=offset,
+        collapsed_slice_dims=tuple(new_pos[d] for d in inputs),
+        start_index_map=tuple(new_pos[d] for d in dnums.start_index_map),
+    )
+    a_slices = (*tuple(1 if d in inputs else slice_sizes[d] for d in view_axes), rank)
+    rows = lax.gather(
+        a,
+        indices,
+        a_dnums,
+        a_slices,
+        indices_are_sorted=params["indices_are_sorted"],
+        unique_indices=params["unique_indices"],
+        mode=params["mode"],
+        fill_value=0,
+    )
+    # rows: (*batch, *stacked-in-view-order, r); contract r with b, then lay out like the gather
+    n_batch = indices.ndim - 1
+    letters = letters_for(n_batch + v.base.ndim + 1)
+    batch_l, view_l, r = letters[:n_batch], letters[n_batch:-1], letters[-1]
+    rows_l = "".join(batch_l) + "".join(view_l[d] for d in view_axes if d not in inputs) + r
+    role_letters = {v.roles[d]: view_l[d] for d in range(v.base.ndim)}
+    _, sb = v.factor_letters(role_letters | {("i", k): "" for k in range(v.a.ndim - ns - 1)}, r)
+    # output of the original gather: offset dims hold the view's non-collapsed axes in order
+    kept = [view_l[d] for d in range(v.base.ndim) if d not in inputs]
+    out_l, it_b, it_k = [], iter(batch_l), iter(kept)
+    for p in range(n_batch + len(kept)):
+        out_l.append(next(it_k) if p in dnums.offset_dims else next(it_b))
+    dtype = jnp.promote_types(rows.dtype, v.b.dtype)
+    term = jnp.einsum(f"{rows_l},{sb}->{''.join(out_l)}", rows.astype(dtype), v.b.astype(dtype))
+    return frozen_scale(v).astype(term.dtype) * term
+
+
+def conv(x: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
+    """The low-rank term of ``conv_general_dilated(x, W)``: a conv to ``r`` channels, then ``b``.
+
+    Fits kernels whose only output axis is the conv's output-feature axis and
+    whose other axes are all inputs (PEFT's conv LoRA), without feature or
+    batch groups.
+    """
+    dnums = params["dimension_numbers"]
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    out_axis = dnums.rhs_spec[0]
+    if v.roles[out_axis] != ("o", 0) or v.b.ndim != 2 or v.n_stacked:
+        return None
+    # `a` as a kernel of the view's layout with `r` output features
+    order = [v.roles[d][1] for d in range(v.base.ndim) if d != out_axis]
+    a = jnp.transpose(v.a, [*order, v.a.ndim - 1])
+    a = jnp.moveaxis(a, -1, out_axis)
+    dtype = jnp.promote_types(x.dtype, a.dtype)
+    hidden = lax.conv_general_dilated(
+        x.astype(dtype),
+        a.astype(dtype),
+        window_strides=params["window_strides"],
+        padding=params["padding"],
+        lhs_dilation=params["lhs_dilation"],
+        rhs_dilation=params["rhs_dilation"],
+        dimension_numbers=dnums,
+    )
+    feature = dnums.out_spec[1]
+    hidden = jnp.moveaxis(hidden, feature, -1)
+    term = jnp.moveaxis(hidden @ v.b.astype(dtype), -1, feature)
+    return frozen_scale(v).astype(term.dtype) * term

@@ -6,6 +6,8 @@ delta with any optax optimizer, merge it back for serving.
 
 from jaxlora._apply import lora_apply as lora_apply
 from jaxlora._config import LoraConfig as LoraConfig
+from jaxlora._engine import FallbackError as FallbackError
+from jaxlora._engine import FallbackWarning as FallbackWarning
 from jaxlora._delta import LoraNode as LoraNode
 from jaxlora._split import ParameterCount as ParameterCount
 from jaxlora._split import adapter_nbytes as adapter_nbytes

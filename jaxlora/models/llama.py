@@ -1,0 +1,566 @@
+"""A Llama-style decoder in Flax linen, named like Hugging Face's ``LlamaForCausalLM``.
+
+The parameter tree mirrors the Hugging Face module names so that PEFT-style target
+patterns carry over: ``embed_tokens/embedding``, ``layers_0/self_attn/q_proj/kernel``,
+``layers_0/mlp/gate_proj/kernel``, ``layers_0/input_layernorm/scale``, ``norm/scale``,
+``lm_head/kernel``. Kernels are Flax's ``(in, out)``. With ``scan_layers=True`` the
+layers live under one module ``layers`` and every leaf gains a leading layer axis, e.g.
+``layers/self_attn/q_proj/kernel`` has shape ``(n_layers, d_model, n_heads * head_dim)``.
+
+References:
+  Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models",
+  https://arxiv.org/abs/2302.13971. Su et al. 2021, "RoFormer: Enhanced Transformer
+  with Rotary Position Embedding", https://arxiv.org/abs/2104.09864. Ainslie et al.
+  2023, "GQA: Training Generalized Multi-Query Transformer Models",
+  https://arxiv.org/abs/2305.13245. Shazeer 2020, "GLU Variants Improve Transformer",
+  https://arxiv.org/abs/2002.05202.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike, DTypeLike
+
+__all__ = [
+    "Llama",
+    "LlamaAttention",
+    "LlamaConfig",
+    "LlamaDecoderLayer",
+    "LlamaMLP",
+    "RMSNorm",
+    "apply_rotary",
+    "causal_lm_loss",
+    "rotary_cos_sin",
+]
+
+_INIT = nn.initializers.normal(stddev=0.02)
+_POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "d_ff",
+    "max_len",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Shapes and numerics of a :class:`Llama` model.
+
+    Args:
+      vocab_size: number of token ids.
+      d_model: width of the residual stream.
+      n_layers: number of decoder layers.
+      n_heads: number of query heads; must divide ``d_model``.
+      n_kv_heads: number of key/value heads for grouped-query attention; must divide
+        ``n_heads``. ``None`` (the default) means ``n_heads`` (plain multi-head).
+      d_ff: hidden width of the SwiGLU MLP.
+      max_len: longest sequence the model accepts.
+      rope_theta: base of the rotary position embedding frequencies.
+      norm_eps: epsilon added to the mean square in every RMSNorm.
+      tie_embeddings: compute logits with the transposed token embedding instead of a
+        separate ``lm_head``.
+      scan_layers: run the layers with ``nn.scan`` over one stacked module ``layers``.
+      remat: rematerialize each layer's activations in the backward pass.
+      dtype: compute dtype of activations and matmuls.
+      param_dtype: dtype the parameters are created in.
+
+    Raises:
+      ValueError: if a size is not a positive integer, the heads do not divide
+        ``d_model`` (or the KV heads the heads), the head dimension is odd, a float
+        hyperparameter is not positive, or a dtype is not a floating dtype.
+
+    Example:
+      >>> cfg = LlamaConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+      >>> cfg.n_kv_heads, cfg.head_dim
+      (4, 8)
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int = None  # type: ignore[assignment]  # __post_init__: None -> n_heads
+    d_ff: int
+    max_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    scan_layers: bool = False
+    remat: bool = False
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}.")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"LlamaConfig.d_model={self.d_model} is not divisible by "
+                f"n_heads={self.n_heads}; pick n_heads that divides d_model."
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.n_heads={self.n_heads} is not divisible by "
+                f"n_kv_heads={self.n_kv_heads}; grouped-query attention shares each "
+                "key/value head among n_heads // n_kv_heads query heads."
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"LlamaConfig head_dim = d_model // n_heads = {self.head_dim} is odd; "
+                "rotary embeddings rotate pairs of features, so it must be even."
+            )
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive number, got {value!r}.")
+        for name in ("tie_embeddings", "scan_layers", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LlamaConfig.{name} must be a bool, got {getattr(self, name)!r}.")
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            try:
+                ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"LlamaConfig.{name} must be a floating dtype such as jnp.float32 or "
+                    f"jnp.bfloat16, got {value!r}."
+                )
+
+    @property
+    def head_dim(self) -> int:
+        """Features per attention head, ``d_model // n_heads``.
+
+        Example:
+          >>> LlamaConfig.tiny().head_dim
+          16
+        """
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> LlamaConfig:
+        """A toy model for unit tests: 2 layers, d_model 64, 4 heads, 2 KV heads.
+
+        Args:
+          **overrides: fields to change, e.g. ``scan_layers=True``.
+
+        Returns:
+          The config (106,816 parameters without overrides).
+
+        Example:
+          >>> LlamaConfig.tiny(scan_layers=True).num_params()
+          106816
+        """
+        fields = dict(
+            vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_len=128
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def llama_1b(cls, **overrides: Any) -> LlamaConfig:
+        """A 1.1B-parameter model with the TinyLlama-1.1B shapes.
+
+        Vocabulary 32000, d_model 2048, 22 layers, 32 heads, 4 KV heads, d_ff 5632,
+        untied embeddings: 1,100,048,384 parameters.
+
+        Args:
+          **overrides: fields to change, e.g. ``dtype=jnp.bfloat16``.
+
+        Returns:
+          The config.
+
+        Example:
+          >>> LlamaConfig.llama_1b().num_params()
+          1100048384
+        """
+        fields = dict(
+            vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632
+        )
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def llama_7b(cls, **overrides: Any) -> LlamaConfig:
+        """The LLaMA-7B shapes: 6,738,415,616 parameters.
+
+        Vocabulary 32000, d_model 4096, 32 layers, 32 heads (no GQA), d_ff 11008,
+        untied embeddings.
+
+        Args:
+          **overrides: fields to change, e.g. ``scan_layers=True``.
+
+        Returns:
+          The config.
+
+        Example:
+          >>> LlamaConfig.llama_7b().num_params()
+          6738415616
+        """
+        fields = dict(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, d_ff=11008)
+        return cls(**{**fields, **overrides})
+
+    def num_params(self) -> int:
+        """Counts the parameters analytically, without building the model.
+
+        Returns:
+          The number of scalars in the parameter tree of :class:`Llama` with this config.
+
+        Example:
+          >>> LlamaConfig.tiny(tie_embeddings=True).num_params()
+          90432
+        """
+        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        attn = 2 * d * d + 2 * d * kv
+        mlp = 3 * d * self.d_ff
+        layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return embed + self.n_layers * layer + d + head
+
+
+def rotary_cos_sin(
+    positions: ArrayLike, head_dim: int, *, theta: float = 10000.0
+) -> tuple[jax.Array, jax.Array]:
+    """Cosines and sines of the rotary embedding angles, in float32.
+
+    Uses the Hugging Face layout: frequency ``i`` drives features ``i`` and
+    ``i + head_dim // 2``, so both tables repeat their first half.
+
+    Args:
+      positions: integer positions, shape ``(seq,)`` or ``(batch, seq)``.
+      head_dim: features per head (even).
+      theta: frequency base; frequency ``i`` is ``theta ** (-2 i / head_dim)``.
+
+    Returns:
+      ``(cos, sin)``, each of shape ``positions.shape + (head_dim,)``.
+
+    Example:
+      >>> cos, sin = rotary_cos_sin(jnp.arange(3), 4)
+      >>> cos.shape, float(cos[0, 0]), float(sin[0, 0])
+      ((3, 4), 1.0, 0.0)
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: ArrayLike, cos: ArrayLike, sin: ArrayLike) -> jax.Array:
+    """Rotates query or key features by position ("rotate_half" convention).
+
+    Computes ``x * cos + rotate_half(x) * sin`` in float32, where
+    ``rotate_half([x1, x2]) = [-x2, x1]`` over the two halves of the last axis, and
+    returns the result in ``x``'s dtype.
+
+    Args:
+      x: features, shape ``(batch, seq, heads, head_dim)``.
+      cos: cosines from :func:`rotary_cos_sin`, shape ``(seq, head_dim)`` or
+        ``(batch, seq, head_dim)``.
+      sin: sines, same shape as ``cos``.
+
+    Returns:
+      The rotated features, same shape and dtype as ``x``.
+
+    Example:
+      >>> x = jnp.ones((1, 2, 1, 4))
+      >>> cos, sin = rotary_cos_sin(jnp.arange(2), 4)
+      >>> apply_rotary(x, cos, sin)[0, 0, 0]
+      Array([1., 1., 1., 1.], dtype=float32)
+    """
+    x = jnp.asarray(x)
+    x32 = x.astype(jnp.float32)
+    cos = jnp.expand_dims(jnp.asarray(cos, jnp.float32), -2)
+    sin = jnp.expand_dims(jnp.asarray(sin, jnp.float32), -2)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with a learned ``scale`` (no bias, no centring).
+
+    Normalizes in float32, casts back to ``dtype``, then multiplies by ``scale``,
+    as Hugging Face's ``LlamaRMSNorm`` does.
+
+    Attributes:
+      eps: added to the mean square before the reciprocal square root.
+      dtype: output dtype.
+      param_dtype: dtype of ``scale``.
+
+    Example:
+      >>> norm = RMSNorm()
+      >>> x = jax.random.normal(jax.random.key(0), (2, 8))
+      >>> y, params = norm.init_with_output(jax.random.key(1), x)
+      >>> params["params"]["scale"].shape, bool(jnp.allclose((y**2).mean(-1), 1, atol=1e-4))
+      ((8,), True)
+    """
+
+    eps: float = 1e-6
+    dtype: DTypeLike = jnp.float32
+    param_dtype: DTypeLike = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalizes the last axis of ``x``; returns the same shape in ``dtype``."""
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return x32.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _dense(features: int, name: str, config: LlamaConfig) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=False,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=_INIT,
+        name=name,
+    )
+
+
+class LlamaAttention(nn.Module):
+    """Causal self-attention with rotary embeddings and grouped-query attention.
+
+    Submodules ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` are bias-free
+    ``nn.Dense``. Query head ``h`` reads key/value head ``h // (n_heads // n_kv_heads)``.
+    Scores and softmax are computed in float32.
+
+    Attributes:
+      config: the model config.
+
+    Example:
+      >>> cfg = LlamaConfig.tiny()
+      >>> x = jax.random.normal(jax.random.key(0), (1, 5, cfg.d_model))
+      >>> cos, sin = rotary_cos_sin(jnp.arange(5), cfg.head_dim)
+      >>> y, _ = LlamaAttention(cfg).init_with_output(jax.random.key(1), x, cos, sin)
+      >>> y.shape
+      (1, 5, 64)
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """Attends causally over ``x`` of shape ``(batch, seq, d_model)``; same shape out.
+
+        ``cos`` and ``sin`` come from :func:`rotary_cos_sin` for positions ``0..seq-1``.
+        """
+        cfg = self.config
+        batch, seq, _ = x.shape
+        hd, kv = cfg.head_dim, cfg.n_kv_heads
+        groups = cfg.n_heads // kv
+        q = _dense(cfg.n_heads * hd, "q_proj", cfg)(x).reshape(batch, seq, cfg.n_heads, hd)
+        k = _dense(kv * hd, "k_proj", cfg)(x).reshape(batch, seq, kv, hd)
+        v = _dense(kv * hd, "v_proj", cfg)(x).reshape(batch, seq, kv, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q.reshape(batch, seq, kv, groups, hd)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores.astype(jnp.float32) / np.float32(np.sqrt(hd))
+        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(cfg.dtype))
+        out = out.reshape(batch, seq, cfg.n_heads * hd)
+        return _dense(cfg.d_model, "o_proj", cfg)(out)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+
+    Attributes:
+      config: the model config.
+
+    Example:
+      >>> cfg = LlamaConfig.tiny()
+      >>> x = jax.random.normal(jax.random.key(0), (1, 3, cfg.d_model))
+      >>> y, params = LlamaMLP(cfg).init_with_output(jax.random.key(1), x)
+      >>> y.shape, params["params"]["gate_proj"]["kernel"].shape
+      ((1, 3, 64), (64, 128))
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Applies the MLP to the last axis of ``x``; same shape out."""
+        cfg = self.config
+        gate = _dense(cfg.d_ff, "gate_proj", cfg)(x)
+        up = _dense(cfg.d_ff, "up_proj", cfg)(x)
+        return _dense(cfg.d_model, "down_proj", cfg)(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-norm decoder layer: attention then MLP, each with a residual.
+
+    Returns a ``(hidden, None)`` pair, the carry/output shape that ``nn.scan`` wants,
+    so the same module runs scanned and unscanned.
+
+    Attributes:
+      config: the model config.
+
+    Example:
+      >>> cfg = LlamaConfig.tiny()
+      >>> x = jax.random.normal(jax.random.key(0), (1, 4, cfg.d_model))
+      >>> cos, sin = rotary_cos_sin(jnp.arange(4), cfg.head_dim)
+      >>> (y, _), params = LlamaDecoderLayer(cfg).init_with_output(
+      ...     jax.random.key(1), x, cos, sin)
+      >>> y.shape, sorted(params["params"])
+      ((1, 4, 64), ['input_layernorm', 'mlp', 'post_attention_layernorm', 'self_attn'])
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, None]:
+        """Runs the layer on ``x`` of shape ``(batch, seq, d_model)``."""
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+        h = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin)
+        x = x + h
+        h = LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+        return x + h, None
+
+
+class Llama(nn.Module):
+    """A Llama-style causal language model.
+
+    Attributes:
+      config: the model config.
+
+    Example:
+      >>> model = Llama(LlamaConfig.tiny())
+      >>> tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
+      >>> params = model.init(jax.random.key(1), tokens)
+      >>> model.apply(params, tokens).shape
+      (2, 8, 256)
+      >>> params["params"]["layers_0"]["self_attn"]["k_proj"]["kernel"].shape
+      (64, 32)
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None
+    ) -> jax.Array:
+        """Computes next-token logits.
+
+        Args:
+          tokens: integer token ids, shape ``(batch, seq)``.
+          inputs_embeds: token embeddings, shape ``(batch, seq, d_model)``, used instead
+            of looking up ``tokens`` (to differentiate with respect to the inputs).
+
+        Returns:
+          float32 logits of shape ``(batch, seq, vocab_size)``.
+
+        Raises:
+          ValueError: if not exactly one of ``tokens`` and ``inputs_embeds`` is given,
+            if its shape is wrong, or if ``seq > config.max_len``.
+        """
+        cfg = self.config
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=_INIT,
+            name="embed_tokens",
+        )
+        if tokens is not None and inputs_embeds is None:
+            if jnp.ndim(tokens) != 2:
+                raise ValueError(
+                    f"tokens must have shape (batch, seq), got shape {jnp.shape(tokens)}."
+                )
+            x = embed(tokens)
+        elif inputs_embeds is not None and tokens is None:
+            if jnp.ndim(inputs_embeds) != 3 or jnp.shape(inputs_embeds)[-1] != cfg.d_model:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, seq, {cfg.d_model}), "
+                    f"got shape {jnp.shape(inputs_embeds)}."
+                )
+            if self.is_initializing():
+                embed(jnp.zeros((1, 1), jnp.int32))  # Create embed_tokens all the same.
+            x = jnp.asarray(inputs_embeds).astype(cfg.dtype)
+        else:
+            raise ValueError(
+                "Llama needs exactly one of tokens and inputs_embeds; call model.apply("
+                "params, tokens) or model.apply(params, inputs_embeds=embeds)."
+            )
+        seq = x.shape[1]
+        if seq > cfg.max_len:
+            raise ValueError(
+                f"sequence length {seq} exceeds config.max_len={cfg.max_len}; "
+                "shorten the input or raise max_len."
+            )
+        cos, sin = rotary_cos_sin(jnp.arange(seq), cfg.head_dim, theta=cfg.rope_theta)
+
+        if cfg.scan_layers:
+            layer_cls = LlamaDecoderLayer
+            # scan's loop body already keeps XLA from merging the recomputation into the
+            # forward pass, so prevent_cse's extra barriers would only cost speed.
+            if cfg.remat:
+                layer_cls = nn.remat(layer_cls, prevent_cse=False)
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.n_layers,
+            )
+            x, _ = stack(cfg, name="layers")(x, cos, sin)
+        else:
+            layer_cls = nn.remat(LlamaDecoderLayer) if cfg.remat else LlamaDecoderLayer
+            for i in range(cfg.n_layers):
+                x, _ = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin)
+
+        x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(cfg.vocab_size, "lm_head", cfg)(x)
+        return logits.astype(jnp.float32)
+
+
+def causal_lm_loss(logits: ArrayLike, tokens: ArrayLike) -> jax.Array:
+    """Mean next-token cross-entropy: position ``t`` predicts ``tokens[:, t + 1]``.
+
+    Args:
+      logits: shape ``(batch, seq, vocab)``; the last position is not scored.
+      tokens: integer ids, shape ``(batch, seq)``; the first position is not a target.
+
+    Returns:
+      The scalar mean loss over ``batch * (seq - 1)`` predictions, in float32.
+
+    Raises:
+      ValueError: if the shapes do not match or ``seq < 2``.
+
+    Example:
+      >>> logits = jnp.zeros((1, 4, 10))
+      >>> tokens = jnp.array([[1, 2, 3, 4]])
+      >>> round(float(causal_lm_loss(logits, tokens)), 4)  # log(10): uniform guesses
+      2.3026
+    """
+    logits, tokens = jnp.asarray(logits), jnp.asarray(tokens)
+    if logits.ndim != 3 or tokens.shape != logits.shape[:2] or tokens.shape[1] < 2:
+        raise ValueError(
+            f"causal_lm_loss expects logits (batch, seq, vocab) and tokens (batch, seq) "
+            f"with seq >= 2, got logits {logits.shape} and tokens {tokens.shape}."
+        )
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)
+    return -jnp.mean(target)

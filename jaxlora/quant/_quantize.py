@@ -1,0 +1,600 @@
+"""``QuantizedArray`` and blockwise absmax quantization, with QLoRA's double quantization.
+
+A weight is flattened (row-major) and cut into blocks of ``block_size``
+consecutive elements; each block stores its absmax ``a`` and one code per
+element, the table value nearest to ``y = x · (1/a)`` (float32, the reciprocal
+rounded first, as bitsandbytes computes it; see :mod:`jaxlora.quant._formats`).
+Because blocks run along the flattened weight, stacked (``nn.scan``) and
+multi-axis kernels need nothing special.
+
+Double quantization (QLoRA, Section 3) stores the per-block float32 absmax
+values themselves in 8 bits: subtract their mean ``μ`` (kept in float32), cut
+them into blocks of 256, and store each block as symmetric absmax int8
+(``round(127 · (a − μ) / s2)``, nearest with ties down) plus its float32 absmax
+``s2``. (The paper and bitsandbytes use an 8-bit float / dynamic code for this
+second level; symmetric int8 is simpler and its error bound ``s2 / 254`` is
+easy to state.) The scale overhead drops from 32/64 = 0.5 to
+8/64 + 32/(64·256) ≈ 0.127 bits per parameter at block size 64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike, DTypeLike
+
+from jaxlora import _paths
+from jaxlora.quant import _formats
+
+DOUBLE_QUANT_BLOCK_SIZE = 256
+_MAX_LISTED_PATHS = 12
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, repr=False)
+class QuantizedArray:
+    """A weight stored blockwise in 4 or 8 bits; shape-inspecting code can treat it as an array.
+
+    Build one with :func:`quantize_array` (or :func:`quantize` on a tree) and get
+    the weight back with :meth:`dequantize`. It is a pytree: ``codes`` and the
+    scale arrays are its leaves, everything else is static, so it passes through
+    ``jax.jit``, ``jax.tree.map`` and checkpointing like any other node.
+
+    Attributes:
+        codes: the packed codes, flat. 4-bit formats: ``uint8 (size // 2,)``, two
+            codes per byte, the first element in the high nibble (bitsandbytes'
+            order). ``"int8"``: ``int8 (size,)``.
+        scales: one per block, ``(size // block_size,)``: the float32 absmax, or
+            with double quantization its int8 code (see ``scale_scales``).
+        scale_scales: with double quantization, the float32 absmax of each group
+            of ``scale_block_size`` centered block scales,
+            ``(ceil(n_blocks / scale_block_size),)``; else ``None``.
+        scale_mean: with double quantization, the float32 mean ``μ`` of the block
+            absmax values (a scalar); else ``None``.
+        shape: the original shape (static).
+        dtype: the original dtype, which :meth:`dequantize` returns by default
+            (static).
+        format: ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"int8"`` (static).
+        block_size: elements per block of the flattened weight (static).
+        scale_block_size: block scales per second-level group with double
+            quantization, ``None`` without it (static).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import quantize_array
+        >>> w = jax.random.normal(jax.random.key(0), (4, 64, 32), jnp.bfloat16)
+        >>> q = quantize_array(w, format="nf4", block_size=64)
+        >>> q
+        QuantizedArray(shape=(4, 64, 32), dtype=bfloat16, format='nf4', block_size=64,
+                       double_quant=True, nbytes=4232)
+        >>> q.shape, q.ndim, q.size, q.codes.shape, q.scales.dtype
+        ((4, 64, 32), 3, 8192, (4096,), dtype('int8'))
+        >>> q.dequantize().dtype, q.dequantize(jnp.float32).dtype
+        (dtype(bfloat16), dtype('float32'))
+
+    References:
+        Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs.
+        https://arxiv.org/abs/2305.14314
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    scale_scales: jax.Array | None
+    scale_mean: jax.Array | None
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+    format: str = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    scale_block_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def ndim(self) -> int:
+        """The original number of axes."""
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        """The original number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the block scales are themselves quantized."""
+        return self.scale_block_size is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: codes, scales and second-level scales."""
+        arrays = (self.codes, self.scales, self.scale_scales, self.scale_mean)
+        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedArray(shape={self.shape}, dtype={self.dtype}, format={self.format!r}, "
+            f"block_size={self.block_size}, double_quant={self.double_quant}, "
+            f"nbytes={self.nbytes})"
+        )
+
+    def block_scales(self) -> jax.Array:
+        """The absmax of each block as float32, ``(size // block_size,)``.
+
+        Without double quantization these are the stored values; with it, the
+        reconstruction ``INT8[code] · s2 + μ``.
+
+        Returns:
+            a float32 array with one scale per block.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from jaxlora.quant import quantize_array
+            >>> w = jnp.arange(128.0).reshape(2, 64)
+            >>> quantize_array(w, block_size=64, double_quant=False).block_scales()
+            Array([ 63., 127.], dtype=float32)
+
+        References:
+            Dettmers et al. 2023, QLoRA, Section 3 ("Double Quantization").
+            https://arxiv.org/abs/2305.14314
+        """
+        if self.scale_block_size is None:
+            return self.scales.astype(jnp.float32)
+        if self.scale_scales is None or self.scale_mean is None:
+            raise ValueError(
+                f"{self!r} has scale_block_size={self.scale_block_size} but no "
+                "scale_scales/scale_mean; build it with quantize_array"
+            )
+        level2 = jnp.asarray(_formats.INT8)[jax.lax.bitcast_convert_type(self.scales, jnp.uint8)]
+        group = jnp.repeat(self.scale_scales, self.scale_block_size)[: self.scales.shape[0]]
+        return level2 * group + self.scale_mean
+
+    def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
+        """The weight back in full precision: ``table[code] · block_absmax``.
+
+        Pure ``jax.numpy``, so it works under ``jit``; it computes in float32
+        and casts at the end.
+
+        Args:
+            dtype: the result's dtype; ``None`` means the original dtype.
+
+        Returns:
+            an array of the original shape.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from jaxlora.quant import quantize_array
+            >>> w = jax.random.normal(jax.random.key(1), (64, 64))
+            >>> w_hat = jax.jit(lambda q: q.dequantize())(quantize_array(w))
+            >>> w_hat.shape, bool(jnp.mean((w - w_hat) ** 2) < 0.01)
+            ((64, 64), True)
+
+        References:
+            Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
+        """
+        return _dequantize_jit(self, np.dtype(self.dtype if dtype is None else dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize_jit(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
+    spec = _formats.get_format(q.format)
+    if spec.bits == 4:
+        index = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+    else:
+        index = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
+    values = jnp.asarray(spec.values)[index].reshape(-1, q.block_size)
+    return (values * q.block_scales()[:, None]).reshape(q.shape).astype(dtype)
+
+
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a :class:`QuantizedArray` (use as ``is_leaf=`` in tree functions).
+
+    Args:
+        x: anything.
+
+    Returns:
+        ``True`` for a :class:`QuantizedArray`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import is_quantized, quantize
+        >>> tree = quantize({"w": jnp.ones((8, 8))}, block_size=64)
+        >>> jax.tree.map(is_quantized, tree, is_leaf=is_quantized)
+        {'w': True}
+
+    References:
+        Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
+    """
+    return isinstance(x, QuantizedArray)
+
+
+def quantize_array(
+    x: ArrayLike,
+    *,
+    format: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    double_quant_block_size: int = DOUBLE_QUANT_BLOCK_SIZE,
+) -> QuantizedArray:
+    """Quantizes one floating-point array blockwise (absmax per block).
+
+    The array is flattened row-major and cut into blocks of ``block_size``;
+    each element becomes the code of the table value nearest to
+    ``x · (1/block_absmax)`` (ties go to the smaller value). Works eagerly and under
+    ``jit`` (it is jitted inside, keyed on shape, dtype and the static options).
+
+    Args:
+        x: a floating-point array of any shape whose size ``block_size`` divides.
+        format: ``"nf4"`` (NormalFloat4), ``"fp4"`` (OCP E2M1), ``"int4"`` or
+            ``"int8"`` (symmetric absmax).
+        block_size: elements per block; a positive int dividing ``x.size``, and
+            even for the 4-bit formats.
+        double_quant: quantize the block absmax values too (QLoRA's double
+            quantization: mean-centered, int8, groups of
+            ``double_quant_block_size``).
+        double_quant_block_size: block scales per second-level group (256 in the
+            paper); the last group may be shorter.
+
+    Returns:
+        a :class:`QuantizedArray`.
+
+    Raises:
+        ValueError: for an unknown format or a block size that is not a positive
+            int, does not divide ``x.size`` or is odd for a 4-bit format.
+        TypeError: if ``x`` is not floating point.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import quantize_array
+        >>> w = jax.random.normal(jax.random.key(0), (256, 128))
+        >>> q = quantize_array(w, format="nf4", block_size=64, double_quant=True)
+        >>> q.codes.dtype, q.codes.shape, q.scales.shape, q.scale_scales.shape
+        (dtype('uint8'), (16384,), (512,), (2,))
+        >>> round(8 * q.nbytes / q.size, 3)  # bits per parameter
+        4.128
+        >>> q8 = jax.jit(quantize_array, static_argnames=("format",))(w, format="int8")
+        >>> q8.codes.dtype
+        dtype('int8')
+
+    References:
+        Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs,
+        Section 3. https://arxiv.org/abs/2305.14314
+    """
+    return _quantize_leaf(
+        x,
+        "the array",
+        format=format,
+        block_size=block_size,
+        double_quant=double_quant,
+        double_quant_block_size=double_quant_block_size,
+    )
+
+
+def quantize(
+    tree: Any,
+    *,
+    format: str = "nf4",
+    block_size: int = 64,
+    double_quant: bool = True,
+    targets: _paths.Targets | None = None,
+) -> Any:
+    """Replaces the targeted weights of a pytree with :class:`QuantizedArray` s.
+
+    Flax boxes (``nnx.Variable`` in an ``nnx.State``, linen's ``nn.Partitioned``)
+    keep their box and metadata; only the array inside is replaced. Leaves that
+    are already quantized are kept as they are.
+
+    Args:
+        tree: any pytree of arrays: Flax linen ``params``, an ``nnx.State``, a
+            dict, or the frozen ``base`` from :func:`jaxlora.split`.
+        format: ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"int8"``.
+        block_size: elements per block of each flattened weight; must divide
+            the size of every targeted weight (and be even for 4-bit formats).
+        double_quant: also quantize the block scales (QLoRA's double
+            quantization), ~0.127 instead of 0.5 bits per parameter at block 64.
+        targets: ``None`` quantizes every floating-point leaf with at least two
+            axes (kernels and embeddings, not biases or norm scales; but a bias
+            stacked by ``nn.scan`` has two axes and is included). Otherwise a
+            regex searched in ``/``-joined paths, a list of them, a preset
+            (``"attention"``, ``"mlp"``, ``"all-linear"``) or a predicate
+            ``(path, leaf) -> bool``, as in :class:`jaxlora.LoraConfig`.
+
+    Returns:
+        ``tree`` with each targeted leaf's array replaced by a
+        :class:`QuantizedArray`.
+
+    Raises:
+        ValueError: for an unknown format, a bad block size (the message names
+            the path, its size and block sizes that would work), or targets that
+            match no leaf (the message lists paths that could be targeted).
+        TypeError: if ``targets`` match a leaf that is not a floating-point
+            array, or ``targets`` has the wrong type.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import quantize, dequantize
+        >>> params = {"dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.ones(32)}}
+        >>> q = quantize(params, format="nf4", block_size=64)
+        >>> q["dense"]["kernel"]
+        QuantizedArray(shape=(64, 32), dtype=float32, format='nf4', block_size=64,
+                       double_quant=True, nbytes=1064)
+        >>> q["dense"]["bias"].shape  # 1-D leaves are left alone by default
+        (32,)
+        >>> jax.tree.map(jnp.shape, dequantize(q))
+        {'dense': {'bias': (32,), 'kernel': (64, 32)}}
+
+    References:
+        Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs.
+        https://arxiv.org/abs/2305.14314
+    """
+    _formats.get_format(format)
+    _check_block_size_value(block_size, format)
+    matches = None if targets is None else _paths.target_predicate(targets, None)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    out, candidates, matched = [], [], 0
+    for key_path, leaf in flat:
+        path = _paths.path_str(key_path)
+        value = _paths.unbox(leaf)
+        if is_quantized(value):
+            matched += matches is not None and bool(matches(path, value))
+            out.append(leaf)
+            continue
+        default = _paths.is_float_array(value) and value.ndim >= 2
+        if _paths.is_float_array(value):
+            candidates.append(path)
+        if not (default if matches is None else matches(path, value)):
+            out.append(leaf)
+            continue
+        if not _paths.is_float_array(value):
+            raise TypeError(
+                f"targets={targets!r} matched {path!r}, which is {_describe(value)}; only "
+                "floating-point arrays can be quantized. Narrow `targets` so that it "
+                "leaves this path out."
+            )
+        matched += 1
+        q = _quantize_leaf(
+            value,
+            repr(path),
+            format=format,
+            block_size=block_size,
+            double_quant=double_quant,
+            double_quant_block_size=DOUBLE_QUANT_BLOCK_SIZE,
+        )
+        out.append(_paths.rebox(leaf, q))
+    if not matched:
+        shown = ", ".join(repr(p) for p in candidates[:_MAX_LISTED_PATHS])
+        more = len(candidates) - _MAX_LISTED_PATHS
+        more_text = f" and {more} more" if more > 0 else ""
+        what = (
+            "no floating-point leaf with at least two axes"
+            if targets is None
+            else f"targets={targets!r} matched no leaf"
+        )
+        raise ValueError(
+            f"quantize found nothing to quantize: {what}. Floating-point paths look like: "
+            f"{shown or '(none)'}{more_text}. Pass targets= a regex that matches some of them."
+        )
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize(tree: Any, dtype: DTypeLike | None = None) -> Any:
+    """Replaces every :class:`QuantizedArray` in a pytree with its dequantized array.
+
+    Flax boxes keep their box; other leaves pass through unchanged. Works under
+    ``jit``.
+
+    Args:
+        tree: a pytree, e.g. the output of :func:`quantize`; a bare
+            :class:`QuantizedArray` is dequantized too.
+        dtype: the dtype of the dequantized arrays; ``None`` means each one's
+            original dtype.
+
+    Returns:
+        ``tree`` with plain arrays where it held quantized ones.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxlora.quant import quantize, dequantize
+        >>> q = quantize({"w": jnp.full((4, 32), 0.5, jnp.bfloat16)}, block_size=32)
+        >>> w = dequantize(q)["w"]
+        >>> w.dtype, float(w[0, 0])
+        (dtype(bfloat16), 0.5)
+        >>> dequantize(q, jnp.float32)["w"].dtype
+        dtype('float32')
+
+    References:
+        Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
+    """
+
+    def restore(leaf: Any) -> Any:
+        value = _paths.unbox(leaf)
+        if is_quantized(value):
+            return _paths.rebox(leaf, value.dequantize(dtype))
+        return leaf
+
+    return jax.tree.map(restore, tree, is_leaf=_is_leaf)
+
+
+def bits_per_parameter(q: Any) -> float:
+    """Stored bits per original parameter of a :class:`QuantizedArray` or of all those in a tree.
+
+    Counts every stored byte (codes, block scales, second-level scales and the
+    mean) against the number of original elements; leaves that are not
+    quantized are not counted.
+
+    Args:
+        q: a :class:`QuantizedArray`, or a pytree holding some.
+
+    Returns:
+        ``8 · nbytes / size`` as a Python float.
+
+    Raises:
+        ValueError: if ``q`` holds no :class:`QuantizedArray`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import bits_per_parameter, quantize_array
+        >>> w = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)  # no memory needed
+        >>> round(bits_per_parameter(jax.eval_shape(quantize_array, w)), 4)
+        4.127
+        >>> nodq = jax.eval_shape(lambda w: quantize_array(w, double_quant=False), w)
+        >>> bits_per_parameter(nodq)
+        4.5
+
+    References:
+        Dettmers et al. 2023, QLoRA, Section 3 ("Double Quantization").
+        https://arxiv.org/abs/2305.14314
+    """
+    found = [x for x in jax.tree.leaves(q, is_leaf=is_quantized) if is_quantized(x)]
+    if not found:
+        raise ValueError(
+            f"bits_per_parameter needs a QuantizedArray or a tree holding some; got "
+            f"{type(q).__name__} with none. Quantize it first with jaxlora.quant.quantize."
+        )
+    return 8.0 * sum(x.nbytes for x in found) / sum(x.size for x in found)
+
+
+def _is_leaf(x: Any) -> bool:
+    return _paths.is_box(x) or is_quantized(x)
+
+
+def _describe(x: Any) -> str:
+    if hasattr(x, "dtype") and hasattr(x, "shape"):
+        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def _check_block_size_value(block_size: Any, format: str, what: str = "block_size") -> None:
+    if (
+        isinstance(block_size, bool)
+        or not isinstance(block_size, numbers.Integral)
+        or block_size < 1
+    ):
+        raise ValueError(f"{what} must be a positive int; got {block_size!r}")
+    if format != "int8" and what == "block_size" and block_size % 2:
+        raise ValueError(
+            f"block_size={block_size} is odd; format={format!r} packs two 4-bit codes per "
+            f"byte, so the block size must be even (64 is the usual choice)"
+        )
+
+
+def _divisors_near(size: int, target: int, even: bool) -> list[int]:
+    limit = min(size, 4096)
+    found = [d for d in range(1, limit + 1) if size % d == 0 and (d % 2 == 0 or not even)]
+    return sorted(found, key=lambda d: (abs(d - target), -d))[:3]
+
+
+def _quantize_leaf(
+    x: ArrayLike,
+    where: str,
+    *,
+    format: str,
+    block_size: int,
+    double_quant: bool,
+    double_quant_block_size: int,
+) -> QuantizedArray:
+    spec = _formats.get_format(format)
+    _check_block_size_value(block_size, format)
+    if double_quant:
+        _check_block_size_value(double_quant_block_size, format, "double_quant_block_size")
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"cannot quantize {where}: it has dtype {x.dtype}, not a floating-point dtype"
+        )
+    size = math.prod(x.shape)
+    if size % block_size:
+        fits = _divisors_near(size, block_size, even=spec.bits == 4)
+        hint = (
+            f"pass a block_size that divides {size}, such as {' or '.join(map(str, fits))}, "
+            "or leave this weight out of targets"
+            if fits
+            else f"no even block size divides {size}: use format='int8' or leave this "
+            "weight out of targets"
+        )
+        raise ValueError(
+            f"cannot quantize {where} with shape {tuple(x.shape)} (size {size}) in blocks of "
+            f"block_size={block_size}: {size} % {block_size} = {size % block_size}. Blocks run "
+            f"along the flattened weight, so {hint}."
+        )
+    return _quantize_jit(
+        x,
+        format=format,
+        block_size=int(block_size),
+        scale_block_size=int(double_quant_block_size) if double_quant else None,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("format", "block_size", "scale_block_size"))
+def _quantize_jit(
+    x: jax.Array, *, format: str, block_size: int, scale_block_size: int | None
+) -> QuantizedArray:
+    spec = _formats.get_format(format)
+    blocks = jnp.asarray(x, jnp.float32).reshape(-1, block_size)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    # Multiply by the rounded reciprocal (bitsandbytes' arithmetic, and what XLA
+    # would turn a division by a broadcast scale into anyway).
+    codes = _encode(blocks * _reciprocal(absmax)[:, None], spec).reshape(-1)
+    if spec.bits == 4:
+        pairs = codes.reshape(-1, 2)
+        codes = (pairs[:, 0] << 4) | pairs[:, 1]
+    scales, scale_scales, scale_mean = absmax, None, None
+    if scale_block_size is not None:
+        n_blocks = absmax.shape[0]
+        # The mean is a reduction's output, not ``sum * (1/n)``: XLA would duplicate
+        # that multiply into the subtraction's fusion and contract it into an FMA,
+        # so the stored mean would not be exactly the one subtracted.
+        scale_mean = jnp.sum(absmax * np.float32(1 / n_blocks))
+        n_groups = -(-n_blocks // scale_block_size)
+        centered = jnp.pad(absmax - scale_mean, (0, n_groups * scale_block_size - n_blocks))
+        centered = centered.reshape(n_groups, scale_block_size)
+        scale_scales = jnp.max(jnp.abs(centered), axis=1)
+        level2 = _formats.get_format("int8")
+        normalized = centered * _reciprocal(scale_scales)[:, None]
+        scales = _encode(normalized, level2).reshape(-1)[:n_blocks]
+    return QuantizedArray(
+        codes=codes,
+        scales=scales,
+        scale_scales=scale_scales,
+        scale_mean=scale_mean,
+        shape=tuple(x.shape),
+        dtype=np.dtype(x.dtype),
+        format=format,
+        block_size=block_size,
+        scale_block_size=scale_block_size,
+    )
+
+
+def _reciprocal(scale: jax.Array) -> jax.Array:
+    """``1 / scale``, and 1 where ``scale`` is 0 (an all-zero block encodes to zeros either way)."""
+    return 1.0 / jnp.where(scale > 0, scale, jnp.ones_like(scale))
+
+
+def _encode(y: jax.Array, spec: _formats.Format) -> jax.Array:
+    """The code of the table value nearest to each ``y`` in ``[-1, 1]``; ties go down."""
+    thresholds = spec.thresholds
+    if spec.grid is None:
+        # One fused elementwise pass: count the thresholds at or below y.
+        index = sum(
+            ((y >= np.float32(t)).astype(jnp.int32) for t in thresholds),
+            start=jnp.zeros(y.shape, jnp.int32),
+        )
+    else:
+        # A uniform grid: rounding finds the interval give or take one, and the two
+        # neighbouring thresholds settle it exactly (also at ties).
+        n = thresholds.size
+        guess = jnp.round(y * np.float32(spec.grid)).astype(jnp.int32) + spec.grid + 1
+        guess = jnp.clip(guess, 1, n)
+        table = jnp.asarray(thresholds)
+        up = (guess < n) & (y >= table[jnp.minimum(guess, n - 1)])
+        down = y < table[guess - 1]
+        index = guess + up.astype(jnp.int32) - down.astype(jnp.int32)
+    codes = spec.interval_codes
+    if np.array_equal(codes.astype(np.int64), np.arange(codes.size)):
+        return index.astype(codes.dtype)
+    return jnp.asarray(codes)[index]

@@ -1,26 +1,38 @@
-"""``python -m jaxlora``: the command-line entry point."""
+"""``python -m jaxlora`` / ``jaxlora``: the command-line entry point.
+
+Each subcommand lives in its own module, which provides
+``add_arguments(parser)`` and ``run(args) -> int``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
+SUBCOMMANDS = {
+    "demo": ("jaxlora.demo", "fine-tune a pretrained model with LoRA, end to end"),
+    "plan": ("jaxlora.plan", "plan training memory for full fine-tuning, LoRA and QLoRA"),
+}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``jaxlora demo`` (or another subcommand) and returns the exit code."""
-    parser = argparse.ArgumentParser(prog="jaxlora", description=__doc__)
+    """Parses ``argv`` and runs the chosen subcommand; returns its exit code."""
+    parser = argparse.ArgumentParser(prog="jaxlora", description="LoRA fine-tuning for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fine-tune a small model with LoRA, end to end")
-    demo.add_argument("--rank", type=int, default=4)
-    demo.add_argument("--steps", type=int, default=300)
-    demo.add_argument("--seed", type=int, default=0)
+    modules = {}
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        modules[name] = module
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from jaxlora import _toy_demo
-
-        return _toy_demo.run(rank=args.rank, steps=args.steps, seed=args.seed)
-    return 2
+    return int(modules[args.command].run(args))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ and reports the adapter's size.
 
 from __future__ import annotations
 
+import argparse
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,7 +46,19 @@ def _fit(loss, params, tx, steps, data):
     return params
 
 
-def run(*, rank: int = 4, steps: int = 300, seed: int = 0) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the demo's flags to ``parser``."""
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the demo from parsed flags."""
+    return run_toy(rank=args.rank, steps=args.steps, seed=args.seed)
+
+
+def run_toy(*, rank: int = 4, steps: int = 300, seed: int = 0) -> int:
     """Runs the toy demo and returns 0 when the adapted model improved and merged exactly."""
     key = jax.random.key(seed)
     model = _MLP()

@@ -1,0 +1,1 @@
+"""Adapters as files: Orbax checkpoints (``checkpoint``) and Hugging Face PEFT files (``peft``)."""

@@ -1,0 +1,109 @@
+"""Training memory from XLA's compiled plan: full fine-tuning vs LoRA (merge, use-site) vs the floor.
+
+Model: the Llama-style reference decoder (``jaxlora.models.llama``) at ~1.1B
+parameters (TinyLlama shapes) and optionally LLaMA-7B shapes, layers stacked
+with ``nn.scan``, with and without per-layer remat; batch 1 x 512; Adam;
+trainable state and optimizer state donated. Inputs are abstract
+(``jax.ShapeDtypeStruct``): nothing is allocated.
+
+peak = argument + output - alias + temp (``jaxlora._memory.MemoryReport``).
+The floor is the frozen model's step that differentiates only with respect to
+its input embeddings: the least any adapter method can need.
+
+Run: ``python benchmarks/memory.py [--7b]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxlora
+from jaxlora import _memory
+from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
+
+GIB = 2**30
+
+
+def measure(model_config: LlamaConfig, targets: str, *, batch: int, seq: int) -> dict:
+    model = Llama(model_config)
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    )
+    config = jaxlora.LoraConfig(rank=8, targets=targets, stacked_axes=1)
+    base, delta = jax.eval_shape(lambda p: jaxlora.split(p, config, key=jax.random.key(0)), params)
+    loss = lambda p, toks: causal_lm_loss(model.apply({"params": p}, toks), toks)
+    adam = optax.adam(1e-4)
+    out = {}
+    out["full"] = _memory.memory_of(
+        _memory.full_step(loss, adam),
+        params,
+        jax.eval_shape(adam.init, params),
+        tokens,
+        donate_argnums=(0, 1),
+    )
+    tx = _memory.lora_optimizer(adam, delta)
+    for strategy in ("merge", "use-site"):
+        out[strategy] = _memory.memory_of(
+            _memory.lora_step(loss, tx, strategy=strategy),
+            delta,
+            jax.eval_shape(tx.init, delta),
+            base,
+            tokens,
+            donate_argnums=(0, 1),
+        )
+    embed_loss = lambda p, e, toks: causal_lm_loss(
+        model.apply({"params": p}, inputs_embeds=e), toks
+    )
+    embeds = jax.ShapeDtypeStruct((batch, seq, model_config.d_model), model_config.dtype)
+    out["floor"] = _memory.memory_of(_memory.floor_step(embed_loss), params, embeds, tokens)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--7b", dest="seven", action="store_true", help="also LLaMA-7B shapes")
+    parser.add_argument("--seq", type=int, default=512)
+    args = parser.parse_args()
+    presets = [("1.1B", LlamaConfig.llama_1b)] + (
+        [("7B", LlamaConfig.llama_7b)] if args.seven else []
+    )
+    header = (
+        f"{'model':5} {'base':5} {'remat':5} {'targets':10} | {'full GiB':>8} {'merge':>7} "
+        f"{'use-site':>8} {'floor':>7} | {'use/floor':>9} {'use/merge':>9} {'full/use':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, preset in presets:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            for remat in (True, False):
+                model_config = preset(
+                    scan_layers=True, remat=remat, max_len=args.seq, dtype=dtype, param_dtype=dtype
+                )
+                for targets in ("attention", "all-linear"):
+                    start = time.perf_counter()
+                    m = {
+                        k: v.peak / GIB
+                        for k, v in measure(model_config, targets, batch=1, seq=args.seq).items()
+                    }
+                    print(
+                        f"{name:5} {jnp.dtype(dtype).name[:5]:5} {remat!s:5} {targets:10} | "
+                        f"{m['full']:8.2f} {m['merge']:7.2f} {m['use-site']:8.2f} "
+                        f"{m['floor']:7.2f} | {m['use-site'] / m['floor']:9.3f} "
+                        f"{m['use-site'] / m['merge']:9.3f} {m['full'] / m['use-site']:8.2f}"
+                        f"   ({time.perf_counter() - start:.0f}s)",
+                        flush=True,
+                    )
+    print(
+        "\nbars: use/floor <= 1.10, use/merge <= 0.65 (float32 base), full/use >= 2.7 "
+        "(float32 base)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Training memory from XLA's compiled plan: full fine-tuning vs LoRA (merge, use-site) vs the floor.
+"""Training memory from XLA's compiled plan: full fine-tuning vs LoRA (merge, use-site) vs floor.
 
 Model: the Llama-style reference decoder (``jaxlora.models.llama``) at ~1.1B
 parameters (TinyLlama shapes) and optionally LLaMA-7B shapes, layers stacked

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import jaxlora

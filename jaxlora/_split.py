@@ -95,6 +95,10 @@ def _make_node(
     a, b, new_weight = init_factors(
         key, weight, layout, rank=rank, scale=scale, init=config.init, dtype=config.dtype
     )
+    # Adapters of a sharded weight follow its sharding (jaxlora.sharding).
+    from jaxlora.sharding import place_factors
+
+    a, b = place_factors(weight, layout, a, b)
     node = LoraNode(a, b, jnp.float32(scale), layout=layout, dropout=float(config.dropout))
     return node, new_weight
 

@@ -6,9 +6,9 @@ delta with any optax optimizer, merge it back for serving.
 
 from jaxlora._apply import lora_apply as lora_apply
 from jaxlora._config import LoraConfig as LoraConfig
+from jaxlora._delta import LoraNode as LoraNode
 from jaxlora._engine import FallbackError as FallbackError
 from jaxlora._engine import FallbackWarning as FallbackWarning
-from jaxlora._delta import LoraNode as LoraNode
 from jaxlora._split import ParameterCount as ParameterCount
 from jaxlora._split import adapter_nbytes as adapter_nbytes
 from jaxlora._split import count_parameters as count_parameters
@@ -17,5 +17,8 @@ from jaxlora._split import split as split
 from jaxlora._split import summary as summary
 from jaxlora._split import trainable_mask as trainable_mask
 from jaxlora._split import unmerge as unmerge
+from jaxlora.quant import QuantizedArray as QuantizedArray
+from jaxlora.quant import dequantize as dequantize
+from jaxlora.quant import quantize as quantize
 
 __version__ = "0.1.0"

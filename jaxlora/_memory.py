@@ -4,11 +4,19 @@ Every step here is a pure function meant for ``jax.jit(..., donate_argnums=...)`
 and abstract inputs (``jax.ShapeDtypeStruct``), so that a model far too large
 to allocate can still be measured: ``memory_of`` lowers and compiles the step
 and reads XLA's plan.
+
+On the CPU backend, XLA's default scheduler is tuned for concurrency: it starts
+independent work early (for example every weight's dequantization or cast at
+the top of the step), which keeps many buffers alive at once. GPU and TPU
+schedulers minimize memory instead. To read GPU-like plans on a CPU, call
+:func:`use_memory_minimizing_cpu_scheduler` before JAX runs anything (the
+benchmarks, the planner CLI and the test suite do).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +26,19 @@ import optax
 
 from jaxlora._apply import lora_apply
 from jaxlora._split import trainable_mask
+
+MEMORY_MINIMIZING_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def use_memory_minimizing_cpu_scheduler() -> None:
+    """Adds :data:`MEMORY_MINIMIZING_CPU_FLAG` to ``XLA_FLAGS``.
+
+    XLA reads the flags when the backend starts, so call this before the
+    first computation; it has no effect afterwards and none on GPU or TPU.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if MEMORY_MINIMIZING_CPU_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_MINIMIZING_CPU_FLAG}".strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +59,9 @@ class MemoryReport:
         return self.argument + self.output - self.alias + self.temp
 
 
-def memory_of(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = ()) -> MemoryReport:
+def memory_of(
+    fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = ()
+) -> MemoryReport:
     """Compiles ``jax.jit(fn, donate_argnums)`` for ``args`` (arrays or ShapeDtypeStructs).
 
     Example:
@@ -77,9 +100,7 @@ def lora_optimizer(
 ) -> optax.GradientTransformation:
     """``optimizer`` on the trainable adapter leaves only; frozen leaves get no state."""
     labels = jax.tree.map(lambda m: "train" if m else "freeze", trainable_mask(delta))
-    return optax.transforms.partition(
-        {"train": optimizer, "freeze": optax.set_to_zero()}, labels
-    )
+    return optax.transforms.partition({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
 
 
 def lora_step(

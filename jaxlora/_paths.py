@@ -7,7 +7,8 @@ are matched against these strings with :func:`re.search`.
 
 Flax wraps leaves in boxes: ``nnx.Variable`` (in an ``nnx.State``) and linen's
 ``AxisMetadata`` (``nn.Partitioned``). Both are treated as leaves here, and
-:func:`unbox` / :func:`rebox` reach the array inside.
+:func:`unbox` / :func:`rebox` reach the array inside. A quantized weight
+(:class:`jaxlora.quant.QuantizedArray`) is a pytree too and also one leaf here.
 """
 
 from __future__ import annotations
@@ -66,11 +67,17 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def is_box(x: Any) -> bool:
-    """Whether ``x`` is a Flax box around an array (``nnx.Variable``, ``nn.Partitioned``)."""
+    """Whether ``x`` counts as one parameter leaf although it is a pytree node.
+
+    True for Flax boxes around an array (``nnx.Variable``, ``nn.Partitioned``)
+    and for a :class:`jaxlora.quant.QuantizedArray`, which stands for one weight.
+    """
     from flax import nnx
     from flax.core import meta
 
-    return isinstance(x, nnx.Variable | meta.AxisMetadata)
+    from jaxlora.quant import QuantizedArray
+
+    return isinstance(x, nnx.Variable | meta.AxisMetadata | QuantizedArray)
 
 
 def unbox(x: Any) -> Any:

@@ -84,6 +84,14 @@ def _make_node(
     key: jax.Array, path: str, weight: Any, config: LoraConfig
 ) -> tuple[LoraNode, jax.Array | None]:
     layout = config.layout_for(path, tuple(weight.shape))
+    from jaxlora.quant import QuantizedArray
+
+    if config.init in ("pissa", "olora") and isinstance(weight, QuantizedArray):
+        raise ValueError(
+            f"init={config.init!r} reads the weight at {path!r}, which is quantized. Split the "
+            "float weights first, then quantize the base: "
+            "base, delta = jaxlora.split(params, config, key=key); base = jaxlora.quantize(base)"
+        )
     rank = config.rank_for(path)
     if rank > min(layout.n_in, layout.n_out):
         raise ValueError(
@@ -103,14 +111,25 @@ def _make_node(
     return node, new_weight
 
 
-def merge(base: Any, delta: Any) -> Any:
+def merge(base: Any, delta: Any, *, requantize: bool = False) -> Any:
     """Returns ``base`` with ``W + s·a@b`` at every adapted leaf.
 
     The sum is computed in float32 and cast back to each weight's dtype.
 
+    A quantized base (:func:`jaxlora.quant.quantize`) is dequantized first. By
+    default the result is then full precision everywhere (non-adapted
+    quantized leaves are dequantized too), so that the plain apply function
+    runs on it; this is the recommended path for serving a QLoRA adapter with
+    no added latency. ``requantize=True`` instead quantizes each merged
+    weight again in its original format and leaves the other quantized leaves
+    as they are: memory stays at 4 bits, but the merged weight is rounded to
+    the 4-bit grid again, which loses most of a small adapter's effect (see
+    the README for measured errors; PEFT users meet the same silently).
+
     Args:
         base: the frozen tree from :func:`split` (or any tree of its structure).
         delta: the matching delta.
+        requantize: quantize merged weights of a quantized base again.
 
     Returns:
         A tree of ``base``'s structure, ready for the unadapted apply function.
@@ -126,7 +145,7 @@ def merge(base: Any, delta: Any) -> Any:
         >>> bool(jnp.all(jaxlora.merge(base, delta)["dense"]["kernel"] == 1.0))  # b starts at 0
         True
     """
-    return _apply_delta(base, delta, sign=1.0)
+    return _apply_delta(base, delta, sign=1.0, requantize=requantize)
 
 
 def unmerge(params: Any, delta: Any) -> Any:
@@ -154,16 +173,34 @@ def unmerge(params: Any, delta: Any) -> Any:
     return _apply_delta(params, delta, sign=-1.0)
 
 
-def _apply_delta(base: Any, delta: Any, *, sign: float) -> Any:
+def _apply_delta(base: Any, delta: Any, *, sign: float, requantize: bool = False) -> Any:
+    from jaxlora.quant import QuantizedArray, quantize_array
+
     check_structure(base, delta)
 
     def one(path: Any, node: LoraNode | None, leaf: Any) -> Any:
-        if node is None:
-            return leaf
         weight = _paths.unbox(leaf)
+        quantized = isinstance(weight, QuantizedArray)
+        if node is None:
+            if quantized and not requantize:
+                return _paths.rebox(leaf, weight.dequantize())
+            return leaf
         _check_weight(_paths.path_str(path), node, weight)
-        merged = weight.astype(jnp.float32) + sign * node.delta_weight(jnp.float32)
-        return _paths.rebox(leaf, merged.astype(weight.dtype))
+        dense = weight.dequantize(jnp.float32) if quantized else weight.astype(jnp.float32)
+        merged = (dense + sign * node.delta_weight(jnp.float32)).astype(weight.dtype)
+        if quantized and requantize:
+            merged = quantize_array(
+                merged,
+                format=weight.format,
+                block_size=weight.block_size,
+                double_quant=weight.double_quant,
+                **(
+                    {"double_quant_block_size": weight.scale_block_size}
+                    if weight.double_quant
+                    else {}
+                ),
+            )
+        return _paths.rebox(leaf, merged)
 
     return jax.tree_util.tree_map_with_path(one, delta, base, is_leaf=is_delta_leaf)
 

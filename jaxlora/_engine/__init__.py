@@ -30,7 +30,7 @@ from typing import Any
 import jax
 
 from jaxlora import _paths
-from jaxlora._engine._adapted import from_node
+from jaxlora._engine._adapted import from_node, from_quantized
 from jaxlora._engine._interpret import Context, FallbackError, FallbackWarning, evaluate
 
 __all__ = ["FallbackError", "FallbackWarning", "use_site_call"]
@@ -49,11 +49,18 @@ def use_site_call(
 ) -> Any:
     """``fn(merge(base, delta), *args, **kwargs)``, computed at each weight's use.
 
-    ``nodes`` holds, for each leaf of ``base`` (Flax boxes counting as leaves),
-    its ``LoraNode`` or ``None``.
+    ``nodes`` holds, for each leaf of ``base`` (Flax boxes and quantized arrays
+    counting as leaves), its ``LoraNode`` or ``None``. Quantized base weights,
+    adapted or not, are dequantized at each use.
     """
+    from jaxlora.quant import QuantizedArray
+
     flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_paths.is_box)
-    adapted = [i for i, node in enumerate(nodes) if node is not None]
+    adapted = [
+        i
+        for i, node in enumerate(nodes)
+        if node is not None or isinstance(_paths.unbox(flat[i][1]), QuantizedArray)
+    ]
     weights = [_paths.unbox(flat[i][1]) for i in adapted]
 
     def traced(*weight_values: Any) -> Any:
@@ -65,7 +72,9 @@ def use_site_call(
     avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
     closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(*avals)
     inputs = [
-        from_node(w, nodes[i], _paths.path_str(flat[i][0]))
+        from_quantized(w, _paths.path_str(flat[i][0]))
+        if nodes[i] is None
+        else from_node(w, nodes[i], _paths.path_str(flat[i][0]))
         for i, w in zip(adapted, weights, strict=True)
     ]
     ctx = Context(strict=strict, warned=warned, dropout_key=dropout_key)

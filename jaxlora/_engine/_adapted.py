@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._delta import LoraNode
+from jaxlora._engine._lazy import Lazy, value_of
 
 Role = tuple[str, int]  # ("s" | "i" | "o", index within that role's axes)
 
@@ -36,13 +37,17 @@ Role = tuple[str, int]  # ("s" | "i" | "o", index within that role's axes)
 class Adapted:
     """A (view of an) adapted weight in factored form; see the module docstring."""
 
-    base: Any
-    a: jax.Array
-    b: jax.Array
-    scale: jax.Array
+    base: Any  # an array, or a Lazy quantized weight
+    a: jax.Array | None  # None: a quantized weight without an adapter
+    b: jax.Array | None
+    scale: jax.Array | None
     roles: tuple[Role, ...] = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+    @property
+    def has_factors(self) -> bool:
+        return self.a is not None
 
     @property
     def n_stacked(self) -> int:
@@ -77,7 +82,18 @@ def from_node(weight: Any, node: LoraNode, path: str) -> Adapted:
     )
     a = node.a.reshape(*layout.stacked, *layout.inputs, node.rank)
     b = node.b.reshape(*layout.stacked, node.rank, *layout.outputs)
-    return Adapted(weight, a, b, node.scale, tuple(roles), path, node.dropout)
+    return Adapted(_lazy_if_quantized(weight), a, b, node.scale, tuple(roles), path, node.dropout)
+
+
+def from_quantized(weight: Any, path: str) -> Adapted:
+    """A quantized base weight without an adapter: only dequantized at its uses."""
+    return Adapted(Lazy.of(weight), None, None, None, (), path)
+
+
+def _lazy_if_quantized(weight: Any) -> Any:
+    from jaxlora.quant import QuantizedArray
+
+    return Lazy.of(weight) if isinstance(weight, QuantizedArray) else weight
 
 
 def letters_for(n: int, *, skip: str = "") -> list[str]:
@@ -95,6 +111,9 @@ def frozen_scale(v: Adapted) -> jax.Array:
 
 def materialize(v: Adapted) -> jax.Array:
     """``base + scale · a@b`` in the view's axis order, computed in float32, cast back."""
+    base = value_of(v.base)
+    if not v.has_factors:
+        return base
     letters = dict(zip(v.roles, letters_for(len(v.roles) + 1), strict=False))
     rank = letters_for(len(v.roles) + 1)[-1]
     sa, sb = v.factor_letters(letters, rank)
@@ -106,13 +125,15 @@ def materialize(v: Adapted) -> jax.Array:
         precision=jax.lax.Precision.HIGHEST,
     )
     delta = frozen_scale(v).astype(jnp.float32) * delta
-    return (v.base.astype(jnp.float32) + delta).astype(v.base.dtype)
+    return (base.astype(jnp.float32) + delta).astype(base.dtype)
 
 
 # ------------------------------------------------------------------ view ops
 
 
 def transpose(v: Adapted, base: Any, permutation: tuple[int, ...]) -> Adapted:
+    if not v.has_factors:
+        return dataclasses.replace(v, base=base)
     return dataclasses.replace(v, base=base, roles=tuple(v.roles[p] for p in permutation))
 
 
@@ -125,6 +146,8 @@ def reshape(v: Adapted, base: Any, new_shape: tuple[int, ...]) -> Adapted | None
     role that are consecutive, in order, within that role: then reshaping the
     factors reshapes the weight's delta the same way.
     """
+    if not v.has_factors:
+        return dataclasses.replace(v, base=base)
     ns = v.n_stacked
     sizes = {"s": v.a.shape[:ns], "i": v.a.shape[ns:-1], "o": v.b.shape[ns + 1 :]}
     live = {kind: [k for k, n in enumerate(ks) if n != 1] for kind, ks in sizes.items()}

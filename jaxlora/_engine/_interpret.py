@@ -19,6 +19,7 @@ from jax.extend import core as jcore
 
 from jaxlora._engine import _adapted, _rules
 from jaxlora._engine._adapted import Adapted
+from jaxlora._engine._lazy import Lazy, bind_at_use
 
 
 class FallbackWarning(UserWarning):
@@ -59,6 +60,8 @@ class Context:
         return Context(self.strict, self.warned, key)
 
     def fallback(self, primitive: str, v: Adapted) -> jax.Array:
+        if not v.has_factors:  # a quantized weight without adapter: dequantize it here
+            return _adapted.materialize(v)
         if self.strict:
             raise FallbackError(
                 f"`{primitive}` uses the adapted weight {v.path!r} in a way the use-site "
@@ -123,45 +126,30 @@ def _adapted_eqn(eqn: Any, invals: list, ctx: Context) -> list:
 # ------------------------------------------------------------------ views
 
 
+def _view_of(eqn: Any, base: Any) -> Any:
+    """The view ``eqn`` takes of a base weight (recorded, for a lazy one)."""
+    return base.then(eqn) if isinstance(base, Lazy) else _bind(eqn, [base])[0]
+
+
 def _view(eqn: Any, invals: list, ctx: Context) -> list | None:
     (v,) = invals
-    base = _bind(eqn, [v.base])[0]
-    return [dataclasses.replace(v, base=base)]
+    return [dataclasses.replace(v, base=_view_of(eqn, v.base))]
 
 
 def _transpose(eqn: Any, invals: list, ctx: Context) -> list | None:
     (v,) = invals
-    base = _bind(eqn, [v.base])[0]
-    return [_adapted.transpose(v, base, tuple(eqn.params["permutation"]))]
+    return [_adapted.transpose(v, _view_of(eqn, v.base), tuple(eqn.params["permutation"]))]
 
 
 def _reshape(eqn: Any, invals: list, ctx: Context) -> list | None:
-    v = invals[0]
-    if len(invals) != 1 or (eqn.params.get("dimensions") not in (None, ())):
+    """``reshape``, ``squeeze`` and size-preserving ``broadcast_in_dim`` (added unit axes)."""
+    if len(invals) != 1 or eqn.params.get("dimensions") not in (None, ()):
         return None
-    base = _bind(eqn, [v.base])[0]
-    out = _adapted.reshape(v, base, tuple(base.shape))
-    return None if out is None else [out]
-
-
-def _broadcast_in_dim(eqn: Any, invals: list, ctx: Context) -> list | None:
-    v = invals[0]
-    shape = tuple(eqn.params["shape"])
-    if len(invals) != 1 or jnp.size(v.base) != _adapted.total(shape):
-        return None  # a real broadcast, not an added size-1 axis
-    return _reshape_to(eqn, v, shape)
-
-
-def _reshape_to(eqn: Any, v: Adapted, shape: tuple[int, ...]) -> list | None:
-    base = _bind(eqn, [v.base])[0]
-    out = _adapted.reshape(v, base, shape)
-    return None if out is None else [out]
-
-
-def _squeeze(eqn: Any, invals: list, ctx: Context) -> list | None:
-    v = invals[0]
-    base = _bind(eqn, [v.base])[0]
-    out = _adapted.reshape(v, base, tuple(base.shape))
+    (v,) = invals
+    shape = tuple(eqn.outvars[0].aval.shape)
+    if _adapted.total(shape) != _adapted.total(v.shape):
+        return None  # a real broadcast
+    out = _adapted.reshape(v, _view_of(eqn, v.base), shape)
     return None if out is None else [out]
 
 
@@ -182,8 +170,10 @@ def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
         lhs = ctx.fallback("dot_general", lhs)  # W1 @ W2: factor the second only
     weight_is_lhs = isinstance(lhs, Adapted)
     v, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
-    plain = (v.base, x) if weight_is_lhs else (x, v.base)
-    y = _bind(eqn, list(plain))[0]
+    plain = [v.base, x] if weight_is_lhs else [x, v.base]
+    y = bind_at_use(lambda ops: _bind(eqn, ops), plain, 0 if weight_is_lhs else 1)[0]
+    if not v.has_factors:
+        return [y]
     term = _rules.dot_general(
         _dropped(x, v.dropout, ctx),
         v,
@@ -197,22 +187,22 @@ def _gather(eqn: Any, invals: list, ctx: Context) -> list | None:
     v, indices = invals
     if not isinstance(v, Adapted) or isinstance(indices, Adapted):
         return None
-    term = _rules.gather(indices, v, **eqn.params)
+    term = _rules.gather(indices, v, **eqn.params) if v.has_factors else 0
     if term is None:
         return None
-    y = _bind(eqn, [v.base, indices])[0]
-    return [y + term.astype(y.dtype)]
+    y = bind_at_use(lambda ops: _bind(eqn, ops), [v.base, indices], 0)[0]
+    return [y + jnp.asarray(term).astype(y.dtype)]
 
 
 def _conv(eqn: Any, invals: list, ctx: Context) -> list | None:
     x, v = invals
     if isinstance(x, Adapted) or not isinstance(v, Adapted):
         return None
-    term = _rules.conv(_dropped(x, v.dropout, ctx), v, **eqn.params)
+    term = _rules.conv(_dropped(x, v.dropout, ctx), v, **eqn.params) if v.has_factors else 0
     if term is None:
         return None
-    y = _bind(eqn, [x, v.base])[0]
-    return [y + term.astype(y.dtype)]
+    y = bind_at_use(lambda ops: _bind(eqn, ops), [x, v.base], 1)[0]
+    return [y + jnp.asarray(term).astype(y.dtype)]
 
 
 # ------------------------------------------------------------------ control flow
@@ -269,6 +259,13 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     """An ``Adapted`` scanned over its leading axis, arranged so that ``scan`` can slice it."""
     if not isinstance(v, Adapted):
         return v
+    base = v.base
+    if isinstance(base, Lazy):
+        base = base.per_layer(length)
+        if base is None:
+            return ctx.fallback("scan over a quantized weight whose blocks span layers", v)
+    if not v.has_factors:
+        return dataclasses.replace(v, base=base)
     group, k = v.roles[0]
     if group != "s":
         return ctx.fallback("scan over a non-stacked axis", v)
@@ -276,7 +273,7 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     b = jnp.moveaxis(v.b, k, 0)
     roles = tuple((g, j - (g == "s" and j > k)) for g, j in v.roles[1:])
     scale = jnp.broadcast_to(v.scale, (length,))
-    return Adapted(v.base, a, b, scale, roles, v.path, v.dropout)
+    return Adapted(base, a, b, scale, roles, v.path, v.dropout)
 
 
 def _while(eqn: Any, invals: list, ctx: Context) -> list | None:
@@ -315,8 +312,8 @@ _RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     **{name: _view for name in _VIEW_OPS},
     "transpose": _transpose,
     "reshape": _reshape,
-    "squeeze": _squeeze,
-    "broadcast_in_dim": _broadcast_in_dim,
+    "squeeze": _reshape,
+    "broadcast_in_dim": _reshape,
     "dot_general": _dot_general,
     "gather": _gather,
     "conv_general_dilated": _conv,

@@ -12,9 +12,55 @@ import jax.numpy as jnp
 from jaxlora._paths import Layout
 
 
+class AdapterNode:
+    """What every adapter node type provides (LoRA, and the variants built on it).
+
+    Subclasses are frozen dataclasses registered as pytrees, with static
+    ``layout`` and ``dropout`` fields. The use-site engine and ``merge`` only
+    talk to a node through these methods, so a variant is a node type:
+
+    * :meth:`factors`: effective ``(a, b, scale)`` with the weight's delta
+      ``scale · a @ b`` (``a: (*stacked, n_in, r)``, ``b: (*stacked, r, n_out)``);
+    * :meth:`output_scale`: ``None``, or a per-output-unit multiplier
+      ``(*stacked, n_out)`` applied to ``x @ (W + delta)`` (DoRA's ``m / ||W + delta||``);
+    * :meth:`merge_into` / :meth:`unmerge_from`: the merged weight and back,
+      in float32 and the weight's shape;
+    * :meth:`trainable_mask`: the node with ``True`` on its trainable leaves.
+    """
+
+    layout: Layout
+    dropout: float
+
+    def factors(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        raise NotImplementedError
+
+    def output_scale(self, weight: jax.Array) -> jax.Array | None:
+        return None
+
+    def delta_weight(self, dtype: Any = jnp.float32) -> jax.Array:
+        """``scale · a @ b`` in the base weight's shape, computed in float32."""
+        a, b, scale = self.factors()
+        scale = jax.lax.stop_gradient(scale).astype(jnp.float32)
+        delta = scale * jnp.matmul(
+            a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
+        return delta.reshape(self.layout.shape).astype(dtype)
+
+    def merge_into(self, weight: jax.Array) -> jax.Array:
+        """``W + scale · a @ b`` (float32 in, float32 out)."""
+        return weight + self.delta_weight(jnp.float32)
+
+    def unmerge_from(self, merged: jax.Array) -> jax.Array:
+        """The inverse of :meth:`merge_into`."""
+        return merged - self.delta_weight(jnp.float32)
+
+    def trainable_mask(self) -> Any:
+        raise NotImplementedError
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraNode:
+class LoraNode(AdapterNode):
     """The low-rank adapter of one weight: ``W' = W + scale · a @ b``.
 
     A delta (the second output of :func:`jaxlora.split`) mirrors the parameter
@@ -50,22 +96,18 @@ class LoraNode:
         """The adapter's rank."""
         return self.a.shape[-1]
 
+    def factors(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(a, b, scale)``."""
+        return self.a, self.b, self.scale
+
     def trainable_mask(self) -> LoraNode:
         """This node's structure with ``True`` on ``a`` and ``b`` and ``False`` on ``scale``."""
         return dataclasses.replace(self, a=True, b=True, scale=False)  # type: ignore[arg-type]
 
-    def delta_weight(self, dtype: Any = jnp.float32) -> jax.Array:
-        """``scale · a @ b`` in the base weight's shape, computed in float32."""
-        a = self.a.astype(jnp.float32)
-        b = self.b.astype(jnp.float32)
-        scale = jax.lax.stop_gradient(self.scale).astype(jnp.float32)
-        delta = scale * jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
-        return delta.reshape(self.layout.shape).astype(dtype)
-
 
 def is_node(x: Any) -> bool:
     """Whether ``x`` is an adapter node (the leaf type of a delta)."""
-    return isinstance(x, LoraNode)
+    return isinstance(x, AdapterNode)
 
 
 def is_delta_leaf(x: Any) -> bool:

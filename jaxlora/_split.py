@@ -187,7 +187,8 @@ def _apply_delta(base: Any, delta: Any, *, sign: float, requantize: bool = False
             return leaf
         _check_weight(_paths.path_str(path), node, weight)
         dense = weight.dequantize(jnp.float32) if quantized else weight.astype(jnp.float32)
-        merged = (dense + sign * node.delta_weight(jnp.float32)).astype(weight.dtype)
+        merged = node.merge_into(dense) if sign > 0 else node.unmerge_from(dense)
+        merged = merged.astype(weight.dtype)
         if quantized and requantize:
             merged = quantize_array(
                 merged,

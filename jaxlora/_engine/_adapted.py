@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._delta import LoraNode
+from jaxlora._delta import AdapterNode
 from jaxlora._engine._lazy import Lazy, value_of
 
 Role = tuple[str, int]  # ("s" | "i" | "o", index within that role's axes)
@@ -44,6 +44,7 @@ class Adapted:
     roles: tuple[Role, ...] = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    out_scale: jax.Array | None = None  # (*S, *O): multiplies the adapted weight's outputs
 
     @property
     def has_factors(self) -> bool:
@@ -71,18 +72,26 @@ class Adapted:
         return s + i + rank, s + rank + o
 
 
-def from_node(weight: Any, node: LoraNode, path: str) -> Adapted:
+def from_node(weight: Any, node: AdapterNode, path: str) -> Adapted:
     """The ``Adapted`` value of a weight as the program first sees it."""
     layout = node.layout
+    a, b, scale = node.factors()
+    rank = a.shape[-1]
+    out_scale = None
+    if type(node).output_scale is not AdapterNode.output_scale:  # DoRA and the like
+        out_scale = node.output_scale(value_of(_lazy_if_quantized(weight)))
+    if out_scale is not None:
+        out_scale = out_scale.reshape(*layout.stacked, *layout.outputs)
     ns, ni = len(layout.stacked), len(layout.inputs)
     roles = (
         [("s", k) for k in range(ns)]
         + [("i", k) for k in range(ni)]
         + [("o", k) for k in range(len(layout.outputs))]
     )
-    a = node.a.reshape(*layout.stacked, *layout.inputs, node.rank)
-    b = node.b.reshape(*layout.stacked, node.rank, *layout.outputs)
-    return Adapted(_lazy_if_quantized(weight), a, b, node.scale, tuple(roles), path, node.dropout)
+    a = a.reshape(*layout.stacked, *layout.inputs, rank)
+    b = b.reshape(*layout.stacked, rank, *layout.outputs)
+    base = _lazy_if_quantized(weight)
+    return Adapted(base, a, b, scale, tuple(roles), path, node.dropout, out_scale)
 
 
 def from_quantized(weight: Any, path: str) -> Adapted:
@@ -125,7 +134,31 @@ def materialize(v: Adapted) -> jax.Array:
         precision=jax.lax.Precision.HIGHEST,
     )
     delta = frozen_scale(v).astype(jnp.float32) * delta
-    return (base.astype(jnp.float32) + delta).astype(base.dtype)
+    merged = base.astype(jnp.float32) + delta
+    if v.out_scale is not None:
+        view = "".join(letters[role] for role in v.roles)
+        merged = merged * broadcast_out_scale(v, view, view)
+    return merged.astype(base.dtype)
+
+
+def broadcast_out_scale(v: Adapted, v_letters: str, out_letters: str) -> jax.Array | None:
+    """``v.out_scale`` laid out for an output with einsum subscripts ``out_letters``.
+
+    ``v_letters`` name the view's axes. ``None`` when an output axis of the
+    weight does not reach the output (it is contracted).
+    """
+    assert v.out_scale is not None
+    letters = dict(zip(v.roles, v_letters, strict=True))
+    ns = v.n_stacked
+    n_out = v.out_scale.ndim - ns
+    so = "".join(letters[("s", k)] for k in range(ns)) + "".join(
+        letters[("o", k)] for k in range(n_out)
+    )
+    if any(c not in out_letters for c in so):
+        return None
+    order = "".join(c for c in out_letters if c in so)
+    t = jnp.einsum(f"{so}->{order}", v.out_scale)
+    return t.reshape([t.shape[order.index(c)] if c in so else 1 for c in out_letters])
 
 
 # ------------------------------------------------------------------ view ops
@@ -190,7 +223,10 @@ def reshape(v: Adapted, base: Any, new_shape: tuple[int, ...]) -> Adapted | None
     rank = v.a.shape[-1]
     a = v.a.reshape(*new_sizes_of["s"], *new_sizes_of["i"], rank)
     b = v.b.reshape(*new_sizes_of["s"], rank, *new_sizes_of["o"])
-    return dataclasses.replace(v, base=base, a=a, b=b, roles=tuple(roles))
+    out_scale = v.out_scale
+    if out_scale is not None:
+        out_scale = out_scale.reshape(*new_sizes_of["s"], *new_sizes_of["o"])
+    return dataclasses.replace(v, base=base, a=a, b=b, roles=tuple(roles), out_scale=out_scale)
 
 
 def _runs(old: list[int], new: list[int]) -> list[tuple[int, list[int]]] | None:

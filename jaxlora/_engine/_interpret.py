@@ -174,13 +174,16 @@ def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
     y = bind_at_use(lambda ops: _bind(eqn, ops), plain, 0 if weight_is_lhs else 1)[0]
     if not v.has_factors:
         return [y]
-    term = _rules.dot_general(
+    term, out_scale = _rules.dot_general(
         _dropped(x, v.dropout, ctx),
         v,
         weight_is_lhs=weight_is_lhs,
         dimension_numbers=eqn.params["dimension_numbers"],
     )
-    return [y + term.astype(y.dtype)]
+    if v.out_scale is not None and out_scale is None:
+        return None  # the output multiplier cannot reach a contracted output axis
+    y = y + term.astype(y.dtype)
+    return [y if out_scale is None else (y * out_scale).astype(y.dtype)]
 
 
 def _gather(eqn: Any, invals: list, ctx: Context) -> list | None:
@@ -259,6 +262,8 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     """An ``Adapted`` scanned over its leading axis, arranged so that ``scan`` can slice it."""
     if not isinstance(v, Adapted):
         return v
+    if v.out_scale is not None and v.has_factors and v.roles[0][0] == "s":
+        v = dataclasses.replace(v, out_scale=jnp.moveaxis(v.out_scale, v.roles[0][1], 0))
     base = v.base
     if isinstance(base, Lazy):
         base = base.per_layer(length)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora._engine._adapted import Adapted, frozen_scale, letters_for
+from jaxlora._engine._adapted import Adapted, broadcast_out_scale, frozen_scale, letters_for
 
 
 def _low_rank_einsum(
@@ -62,8 +62,13 @@ def _low_rank_einsum(
 
 def dot_general(
     x: jax.Array, v: Adapted, *, weight_is_lhs: bool, dimension_numbers: Any, **_: Any
-) -> jax.Array:
-    """The low-rank term of ``dot_general(x, W)`` (or ``dot_general(W, x)``)."""
+) -> tuple[jax.Array, jax.Array | None]:
+    """The low-rank term of ``dot_general(x, W)`` (or ``dot_general(W, x)``).
+
+    Returns ``(term, out_scale)``: ``out_scale`` is the node's output multiplier
+    laid out for the output (``None`` without one), or the string ``"contracted"``
+    when the weight's output axes are contracted and it cannot be applied.
+    """
     (lc, rc), (lb, rb) = dimension_numbers
     if weight_is_lhs:
         (xc, vc), (xb, vb) = (rc, lc), (rb, lb)
@@ -80,7 +85,10 @@ def dot_general(
     x_free = "".join(c for k, c in enumerate(xl) if k not in xc and k not in xb)
     v_free = "".join(c for k, c in enumerate(vl) if k not in vc and k not in vb)
     out = batch + (v_free + x_free if weight_is_lhs else x_free + v_free)
-    return _low_rank_einsum(x, "".join(xl), v, "".join(vl), out)
+    term = _low_rank_einsum(x, "".join(xl), v, "".join(vl), out)
+    if v.out_scale is None:
+        return term, None
+    return term, broadcast_out_scale(v, "".join(vl), out)
 
 
 def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
@@ -91,7 +99,7 @@ def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     ``gather(Δ, ids) = gather(a, ids) ⊗_r b``.
     """
     dnums = params["dimension_numbers"]
-    if dnums.operand_batching_dims or dnums.start_indices_batching_dims:
+    if dnums.operand_batching_dims or dnums.start_indices_batching_dims or v.out_scale is not None:
         return None
     inputs = [d for d, (g, _) in enumerate(v.roles) if g == "i"]
     if sorted(dnums.collapsed_slice_dims) != inputs or not set(dnums.start_index_map) <= set(
@@ -153,6 +161,8 @@ def conv(x: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     """
     dnums = params["dimension_numbers"]
     if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    if v.out_scale is not None:
         return None
     out_axis = dnums.rhs_spec[0]
     if v.roles[out_axis] != ("o", 0) or v.b.ndim != 2 or v.n_stacked:

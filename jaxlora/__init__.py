@@ -4,6 +4,7 @@ Split a parameter tree into a frozen base and a low-rank delta, train the
 delta with any optax optimizer, merge it back for serving.
 """
 
+from jaxlora import multi as multi
 from jaxlora._apply import lora_apply as lora_apply
 from jaxlora._config import LoraConfig as LoraConfig
 from jaxlora._delta import LoraNode as LoraNode
@@ -17,6 +18,9 @@ from jaxlora._split import split as split
 from jaxlora._split import summary as summary
 from jaxlora._split import trainable_mask as trainable_mask
 from jaxlora._split import unmerge as unmerge
+from jaxlora.multi import combine_adapters as combine_adapters
+from jaxlora.multi import pad_rank as pad_rank
+from jaxlora.multi import stack as stack
 from jaxlora.quant import QuantizedArray as QuantizedArray
 from jaxlora.quant import dequantize as dequantize
 from jaxlora.quant import quantize as quantize

@@ -34,7 +34,14 @@ def lora_apply(
 
     ``wrapped`` also takes ``dropout_key=``: a PRNG key that turns on dropout
     (at each adapter's ``LoraConfig.dropout`` rate) on the input of the
-    low-rank branch, as PEFT does. Without it, no dropout is applied.
+    low-rank branch, as PEFT does. The ``i``-th use site (from 1, in trace
+    order) draws its mask from ``jax.random.fold_in(dropout_key, i)``; scanned
+    layers split that key per iteration. Without a key, no dropout is applied.
+
+    With a stacked delta (:func:`jaxlora.stack`), ``wrapped`` takes
+    ``adapter_ids=``: one adapter index per example (``-1``: the bare base
+    model), and example ``i`` (axis 0 of the activations) is computed with
+    adapter ``adapter_ids[i]``, all in one pass.
 
     Args:
         fn: any function whose first argument is the parameter tree, such as a
@@ -69,9 +76,15 @@ def lora_apply(
 
     @functools.wraps(fn)
     def wrapped(
-        base: Any, delta: Any, *args: Any, dropout_key: jax.Array | None = None, **kwargs: Any
+        base: Any,
+        delta: Any,
+        *args: Any,
+        dropout_key: jax.Array | None = None,
+        adapter_ids: jax.Array | None = None,
+        **kwargs: Any,
     ) -> Any:
         check_structure(base, delta)
+        adapter_ids = _check_adapter_ids(delta, adapter_ids, strategy)
         if strategy == "merge":
             if dropout_key is not None:
                 raise ValueError(
@@ -82,7 +95,46 @@ def lora_apply(
         treedef = jax.tree.structure(base, is_leaf=_paths.is_box)
         nodes = treedef.flatten_up_to(jax.tree.map(lambda x: x, delta, is_leaf=is_delta_leaf))
         return _engine.use_site_call(
-            fn, base, nodes, args, kwargs, strict=strict, warned=warned, dropout_key=dropout_key
+            fn,
+            base,
+            nodes,
+            args,
+            kwargs,
+            strict=strict,
+            warned=warned,
+            dropout_key=dropout_key,
+            adapter_ids=adapter_ids,
         )
 
     return wrapped
+
+
+def _check_adapter_ids(delta: Any, adapter_ids: Any, strategy: str) -> jax.Array | None:
+    from jaxlora.multi import StackedLoraNode
+
+    nodes = [n for n in jax.tree.leaves(delta, is_leaf=is_delta_leaf) if n is not None]
+    stacked = [isinstance(n, StackedLoraNode) for n in nodes]
+    if adapter_ids is None:
+        if any(stacked):
+            raise ValueError(
+                "this delta stacks several adapters (jaxlora.stack): pass adapter_ids=, one "
+                "adapter index per example (-1 for the bare base model)"
+            )
+        return None
+    if not all(stacked):
+        raise ValueError(
+            "adapter_ids= needs a delta from jaxlora.stack([delta_1, ..., delta_n]); this "
+            "delta holds one adapter per weight"
+        )
+    if strategy != "use-site":
+        raise ValueError(
+            "adapter_ids= needs the use-site strategy (one merged weight per "
+            "example would be a copy of the model per example)"
+        )
+    ids = jax.numpy.asarray(adapter_ids)
+    if ids.ndim != 1 or not jax.numpy.issubdtype(ids.dtype, jax.numpy.integer):
+        raise ValueError(
+            f"adapter_ids must be a 1-D integer array (one id per example); got shape "
+            f"{ids.shape} and dtype {ids.dtype}"
+        )
+    return ids

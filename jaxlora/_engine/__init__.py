@@ -46,6 +46,7 @@ def use_site_call(
     strict: bool,
     warned: set,
     dropout_key: jax.Array | None,
+    adapter_ids: jax.Array | None = None,
 ) -> Any:
     """``fn(merge(base, delta), *args, **kwargs)``, computed at each weight's use.
 
@@ -74,7 +75,7 @@ def use_site_call(
     inputs = [
         from_quantized(w, _paths.path_str(flat[i][0]))
         if nodes[i] is None
-        else from_node(w, nodes[i], _paths.path_str(flat[i][0]))
+        else from_node(w, nodes[i], _paths.path_str(flat[i][0]), adapter_ids)
         for i, w in zip(adapted, weights, strict=True)
     ]
     ctx = Context(strict=strict, warned=warned, dropout_key=dropout_key)

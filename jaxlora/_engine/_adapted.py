@@ -45,6 +45,9 @@ class Adapted:
     path: str = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     out_scale: jax.Array | None = None  # (*S, *O): multiplies the adapted weight's outputs
+    # per-example factors (several adapters in one batch): a and b carry a leading axis
+    # that runs along axis 0 of the activations; the scale is folded into a
+    examples: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def has_factors(self) -> bool:
@@ -62,20 +65,40 @@ class Adapted:
     def dtype(self) -> Any:
         return self.base.dtype
 
-    def factor_letters(self, letters: dict[Role, str], rank: str) -> tuple[str, str]:
-        """Einsum subscripts of ``a`` and ``b`` given a letter for every role axis."""
+    @property
+    def n_examples_axes(self) -> int:
+        return int(self.examples)
+
+    def factor_letters(
+        self, letters: dict[Role, str], rank: str, example: str = ""
+    ) -> tuple[str, str]:
+        """Einsum subscripts of ``a`` and ``b`` given a letter for every role axis.
+
+        ``example`` names the per-example axis when the factors have one.
+        """
+        e = example if self.examples else ""
+        skip = self.n_examples_axes + self.n_stacked
         s = "".join(letters[("s", k)] for k in range(self.n_stacked))
-        n_in = self.a.ndim - self.n_stacked - 1
-        n_out = self.b.ndim - self.n_stacked - 1
-        i = "".join(letters[("i", k)] for k in range(n_in))
-        o = "".join(letters[("o", k)] for k in range(n_out))
-        return s + i + rank, s + rank + o
+        i = "".join(letters[("i", k)] for k in range(self.a.ndim - skip - 1))
+        o = "".join(letters[("o", k)] for k in range(self.b.ndim - skip - 1))
+        return e + s + i + rank, e + s + rank + o
 
 
-def from_node(weight: Any, node: AdapterNode, path: str) -> Adapted:
-    """The ``Adapted`` value of a weight as the program first sees it."""
+def from_node(
+    weight: Any, node: AdapterNode, path: str, adapter_ids: jax.Array | None = None
+) -> Adapted:
+    """The ``Adapted`` value of a weight as the program first sees it.
+
+    With ``adapter_ids`` (a stacked node), the factors get a leading
+    per-example axis: example ``i`` uses adapter ``adapter_ids[i]``.
+    """
     layout = node.layout
-    a, b, scale = node.factors()
+    examples = adapter_ids is not None
+    if examples:
+        a, b = node.per_example(adapter_ids)  # type: ignore[attr-defined]
+        scale = jnp.float32(1.0)
+    else:
+        a, b, scale = node.factors()
     rank = a.shape[-1]
     out_scale = None
     if type(node).output_scale is not AdapterNode.output_scale:  # DoRA and the like
@@ -88,10 +111,11 @@ def from_node(weight: Any, node: AdapterNode, path: str) -> Adapted:
         + [("i", k) for k in range(ni)]
         + [("o", k) for k in range(len(layout.outputs))]
     )
-    a = a.reshape(*layout.stacked, *layout.inputs, rank)
-    b = b.reshape(*layout.stacked, rank, *layout.outputs)
+    lead = a.shape[:1] if examples else ()
+    a = a.reshape(*lead, *layout.stacked, *layout.inputs, rank)
+    b = b.reshape(*lead, *layout.stacked, rank, *layout.outputs)
     base = _lazy_if_quantized(weight)
-    return Adapted(base, a, b, scale, tuple(roles), path, node.dropout, out_scale)
+    return Adapted(base, a, b, scale, tuple(roles), path, node.dropout, out_scale, examples)
 
 
 def from_quantized(weight: Any, path: str) -> Adapted:
@@ -181,8 +205,9 @@ def reshape(v: Adapted, base: Any, new_shape: tuple[int, ...]) -> Adapted | None
     """
     if not v.has_factors:
         return dataclasses.replace(v, base=base)
-    ns = v.n_stacked
-    sizes = {"s": v.a.shape[:ns], "i": v.a.shape[ns:-1], "o": v.b.shape[ns + 1 :]}
+    ns, e = v.n_stacked, v.n_examples_axes
+    lead = v.a.shape[:e]
+    sizes = {"s": v.a.shape[e : e + ns], "i": v.a.shape[e + ns : -1], "o": v.b.shape[e + ns + 1 :]}
     live = {kind: [k for k, n in enumerate(ks) if n != 1] for kind, ks in sizes.items()}
     old = [(n, (g, live[g].index(k))) for n, (g, k) in zip(v.shape, v.roles, strict=True) if n != 1]
     runs = _runs([n for n, _ in old], [n for n in new_shape if n != 1])
@@ -221,8 +246,8 @@ def reshape(v: Adapted, base: Any, new_shape: tuple[int, ...]) -> Adapted | None
             pending = [(kind, start + m) for m in range(len(new_sizes))]
         roles.append(pending.pop(0))
     rank = v.a.shape[-1]
-    a = v.a.reshape(*new_sizes_of["s"], *new_sizes_of["i"], rank)
-    b = v.b.reshape(*new_sizes_of["s"], rank, *new_sizes_of["o"])
+    a = v.a.reshape(*lead, *new_sizes_of["s"], *new_sizes_of["i"], rank)
+    b = v.b.reshape(*lead, *new_sizes_of["s"], rank, *new_sizes_of["o"])
     out_scale = v.out_scale
     if out_scale is not None:
         out_scale = out_scale.reshape(*new_sizes_of["s"], *new_sizes_of["o"])

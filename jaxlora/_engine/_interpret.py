@@ -62,6 +62,12 @@ class Context:
     def fallback(self, primitive: str, v: Adapted) -> jax.Array:
         if not v.has_factors:  # a quantized weight without adapter: dequantize it here
             return _adapted.materialize(v)
+        if v.examples:
+            raise FallbackError(
+                f"`{primitive}` uses the adapted weight {v.path!r} in a way the use-site engine "
+                "cannot factor, and with adapter_ids (a different adapter per example) there is "
+                "no single merged weight to fall back to. Serve this model one adapter at a time."
+            )
         if self.strict:
             raise FallbackError(
                 f"`{primitive}` uses the adapted weight {v.path!r} in a way the use-site "
@@ -274,11 +280,11 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     group, k = v.roles[0]
     if group != "s":
         return ctx.fallback("scan over a non-stacked axis", v)
-    a = jnp.moveaxis(v.a, k, 0)
-    b = jnp.moveaxis(v.b, k, 0)
+    a = jnp.moveaxis(v.a, v.n_examples_axes + k, 0)
+    b = jnp.moveaxis(v.b, v.n_examples_axes + k, 0)
     roles = tuple((g, j - (g == "s" and j > k)) for g, j in v.roles[1:])
     scale = jnp.broadcast_to(v.scale, (length,))
-    return Adapted(base, a, b, scale, roles, v.path, v.dropout)
+    return dataclasses.replace(v, base=base, a=a, b=b, scale=scale, roles=roles)
 
 
 def _while(eqn: Any, invals: list, ctx: Context) -> list | None:

@@ -34,7 +34,7 @@ def _low_rank_einsum(
     """
     rank = letters_for(1, skip=x_letters + v_letters + out_letters)[0]
     letters = dict(zip(v.roles, v_letters, strict=True))
-    sa, sb = v.factor_letters(letters, rank)
+    sa, sb = v.factor_letters(letters, rank, example=x_letters[0])
     contracted = set(x_letters) - set(out_letters)
     size = dict(zip(x_letters, x.shape, strict=True))
 
@@ -74,6 +74,13 @@ def dot_general(
         (xc, vc), (xb, vb) = (rc, lc), (rb, lb)
     else:
         (xc, vc), (xb, vb) = (lc, rc), (lb, rb)
+    if v.examples and (0 in xc or x.shape[0] != v.a.shape[0]):
+        raise ValueError(
+            f"adapter_ids select one adapter per example along axis 0 of the activations, but "
+            f"{v.path!r} meets an input of shape {x.shape} whose axis 0 "
+            f"{'is contracted' if 0 in xc else f'has {x.shape[0]} entries, not {v.a.shape[0]}'}. "
+            "Pass adapter_ids with one id per example of the batch the model sees."
+        )
     letters = letters_for(x.ndim + v.base.ndim)
     xl = letters[: x.ndim]
     vl = letters[x.ndim :]
@@ -99,7 +106,9 @@ def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     ``gather(Δ, ids) = gather(a, ids) ⊗_r b``.
     """
     dnums = params["dimension_numbers"]
-    if dnums.operand_batching_dims or dnums.start_indices_batching_dims or v.out_scale is not None:
+    if dnums.operand_batching_dims or dnums.start_indices_batching_dims:
+        return None
+    if v.out_scale is not None or v.examples:
         return None
     inputs = [d for d, (g, _) in enumerate(v.roles) if g == "i"]
     if sorted(dnums.collapsed_slice_dims) != inputs or not set(dnums.start_index_map) <= set(
@@ -162,7 +171,7 @@ def conv(x: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     dnums = params["dimension_numbers"]
     if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
         return None
-    if v.out_scale is not None:
+    if v.out_scale is not None or v.examples:
         return None
     out_axis = dnums.rhs_spec[0]
     if v.roles[out_axis] != ("o", 0) or v.b.ndim != 2 or v.n_stacked:

@@ -18,11 +18,14 @@ from jaxlora._split import split as split
 from jaxlora._split import summary as summary
 from jaxlora._split import trainable_mask as trainable_mask
 from jaxlora._split import unmerge as unmerge
+from jaxlora.io.checkpoint import load_adapter as load_adapter
+from jaxlora.io.checkpoint import save_adapter as save_adapter
 from jaxlora.multi import combine_adapters as combine_adapters
 from jaxlora.multi import pad_rank as pad_rank
 from jaxlora.multi import stack as stack
 from jaxlora.quant import QuantizedArray as QuantizedArray
 from jaxlora.quant import dequantize as dequantize
 from jaxlora.quant import quantize as quantize
+from jaxlora.sharding import adapter_shardings as adapter_shardings
 
 __version__ = "0.1.0"

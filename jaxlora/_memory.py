@@ -71,7 +71,10 @@ def memory_of(
         >>> memory_of(lambda x: x @ x, x).argument
         4194304
     """
-    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    # keep_unused: every input counts, as it sits in device memory whether the step reads it
+    # or not (the floor step, fed input embeddings, never reads the embedding table)
+    jitted = jax.jit(fn, donate_argnums=donate_argnums, keep_unused=True)
+    compiled = jitted.lower(*args).compile()
     m = compiled.memory_analysis()
     return MemoryReport(
         argument=int(m.argument_size_in_bytes),

@@ -58,28 +58,47 @@ def memory_rows(preset, dtype, *, seq: int) -> dict:
     adam = optax.adam(1e-4)
     tx = _memory.lora_optimizer(adam, delta)
     lora = _memory.lora_step(loss, tx)
-    full = _memory.memory_of(_memory.full_step(loss, adam), params,
-                             jax.eval_shape(adam.init, params), tokens, donate_argnums=(0, 1))
+    full = _memory.memory_of(
+        _memory.full_step(loss, adam),
+        params,
+        jax.eval_shape(adam.init, params),
+        tokens,
+        donate_argnums=(0, 1),
+    )
     state = jax.eval_shape(tx.init, delta)
     lora_m = _memory.memory_of(lora, delta, state, base, tokens, donate_argnums=(0, 1))
     qlora_m = _memory.memory_of(lora, delta, state, qbase, tokens, donate_argnums=(0, 1))
     kernels = [x for p, x in jaxlora._paths.leaves_with_paths(params) if p.endswith("kernel")]
     largest = max(math.prod(x.shape[1:]) for x in kernels) * jnp.dtype(dtype).itemsize
-    quantized = [x for _, x in jaxlora._paths.leaves_with_paths(qbase)
-                 if isinstance(x, jaxlora.QuantizedArray)]
+    quantized = [
+        x
+        for _, x in jaxlora._paths.leaves_with_paths(qbase)
+        if isinstance(x, jaxlora.QuantizedArray)
+    ]
     n_quantized = sum(q.size for q in quantized)
     return dict(
         params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-        full=full.peak, lora=lora_m.peak, qlora=qlora_m.peak,
-        base_bytes=_nbytes(base), qbase_bytes=_nbytes(qbase),
-        adapter_bytes=_nbytes(delta), largest=largest,
+        full=full.peak,
+        lora=lora_m.peak,
+        qlora=qlora_m.peak,
+        base_bytes=_nbytes(base),
+        qbase_bytes=_nbytes(qbase),
+        adapter_bytes=_nbytes(delta),
+        largest=largest,
         bytes_per_param=sum(q.nbytes for q in quantized) / n_quantized,
     )
 
 
 def step_times(rounds: int) -> dict:
-    cfg = LlamaConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_ff=1408,
-                      max_len=128, scan_layers=True)
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        d_model=512,
+        n_layers=4,
+        n_heads=8,
+        d_ff=1408,
+        max_len=128,
+        scan_layers=True,
+    )
     model = Llama(cfg)
     key = jax.random.key(0)
     tokens = jax.random.randint(key, (8, 128), 0, cfg.vocab_size)
@@ -115,20 +134,29 @@ def requantization_errors() -> list[tuple[float, float, float]]:
         config = jaxlora.LoraConfig(rank=8, targets="w")
         base, delta = jaxlora.split({"w": w}, config, key=key)
         b = jax.random.normal(jax.random.key(1), delta["w"].b.shape)
-        delta = {"w": delta["w"].__class__(delta["w"].a, b, delta["w"].scale,
-                                           layout=delta["w"].layout)}
+        delta = {
+            "w": delta["w"].__class__(delta["w"].a, b, delta["w"].scale, layout=delta["w"].layout)
+        }
         dw = delta["w"].delta_weight()
         factor = rel * jnp.linalg.norm(w) / jnp.linalg.norm(dw)
-        delta = {"w": delta["w"].__class__(delta["w"].a, b * factor, delta["w"].scale,
-                                           layout=delta["w"].layout)}
+        delta = {
+            "w": delta["w"].__class__(
+                delta["w"].a, b * factor, delta["w"].scale, layout=delta["w"].layout
+            )
+        }
         dw = delta["w"].delta_weight()
         qbase = jaxlora.quantize(base)
         exact = qbase["w"].dequantize(jnp.float32) + dw
         full = jaxlora.merge(qbase, delta)["w"]
         requant = jaxlora.merge(qbase, delta, requantize=True)["w"].dequantize(jnp.float32)
         norm = jnp.linalg.norm(dw)
-        rows.append((rel, float(jnp.linalg.norm(full - exact) / norm),
-                     float(jnp.linalg.norm(requant - exact) / norm)))
+        rows.append(
+            (
+                rel,
+                float(jnp.linalg.norm(full - exact) / norm),
+                float(jnp.linalg.norm(requant - exact) / norm),
+            )
+        )
     return rows
 
 
@@ -142,9 +170,11 @@ def main() -> None:
     if args.seven:
         presets.append(("7B", LlamaConfig.llama_7b))
     print(f"train-step peak memory, batch 1 x {args.seq}, per-layer remat, r=8 all-linear (MiB)")
-    print(f"{'model':5} {'base':8} {'full FT':>9} {'LoRA':>8} {'QLoRA':>8} | {'base':>7} "
-          f"{'4-bit base':>10} {'B/param':>7} | {'LoRA-base':>9} {'QLoRA-qbase':>11} "
-          f"{'bar':>8} {'ok':>3} | {'full/QLoRA':>10}")
+    print(
+        f"{'model':5} {'base':8} {'full FT':>9} {'LoRA':>8} {'QLoRA':>8} | {'base':>7} "
+        f"{'4-bit base':>10} {'B/param':>7} | {'LoRA-base':>9} {'QLoRA-qbase':>11} "
+        f"{'bar':>8} {'ok':>3} | {'full/QLoRA':>10}"
+    )
     for name, preset in presets:
         for dtype in (jnp.float32, jnp.bfloat16):
             r = memory_rows(preset, dtype, seq=args.seq)
@@ -160,17 +190,21 @@ def main() -> None:
                 flush=True,
             )
             if name == "7B" and dtype == jnp.bfloat16:
-                print(f"      QLoRA paper, LLaMA-7B: 5,048 MB 4-bit base, 26 MB adapters, 567 MB "
-                      f"adapter input gradients; here: {r['qbase_bytes'] / 1e6:,.0f} MB base "
-                      f"(embeddings and head unquantized), {r['adapter_bytes'] / 1e6:,.0f} MB "
-                      "adapters (r=8 on all linear layers)")
+                print(
+                    f"      QLoRA paper, LLaMA-7B: 5,048 MB 4-bit base, 26 MB adapters, 567 MB "
+                    f"adapter input gradients; here: {r['qbase_bytes'] / 1e6:,.0f} MB base "
+                    f"(embeddings and head unquantized), {r['adapter_bytes'] / 1e6:,.0f} MB "
+                    "adapters (r=8 on all linear layers)"
+                )
     print("\nmerging into the 4-bit base: error relative to the adapter's update ||ΔW||")
     print(f"{'||ΔW||/||W||':>13} {'float merge':>12} {'requantize=True':>16}")
     for rel, full, requant in requantization_errors():
         print(f"{rel:13.2f} {full:12.2e} {requant:16.2f}")
     times = step_times(args.rounds)
-    print(f"\nCPU step time (d_model 512, 4 layers, batch 8x128): LoRA {times['LoRA'] * 1e3:.0f} ms,"
-          f" QLoRA {times['QLoRA'] * 1e3:.0f} ms, QLoRA/LoRA = {times['QLoRA'] / times['LoRA']:.2f}")
+    print(
+        f"\nCPU step time (d_model 512, 4 layers, batch 8x128): LoRA {times['LoRA'] * 1e3:.0f} ms,"
+        f" QLoRA {times['QLoRA'] * 1e3:.0f} ms, QLoRA/LoRA = {times['QLoRA'] / times['LoRA']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -153,3 +153,24 @@ def test_split_of_a_quantized_tree(key):
     base, delta = jaxlora.split(qparams, jaxlora.LoraConfig(rank=2, targets="w"), key=key)
     assert base["w"] is qparams["w"] and delta["w"].a.shape == (64, 2)
     assert quant.bits_per_parameter(base["w"]) < 4.2
+
+
+def test_scanned_qlora_step_compiles_with_every_input_kept(key):
+    """Regression: custom-VJP residuals must be arrays (keep_unused turns any into inputs)."""
+    config = LlamaConfig.tiny(scan_layers=True)
+    model = Llama(config)
+    tokens = jax.random.randint(key, (2, 16), 0, config.vocab_size)
+    params = jax.jit(model.init)(key, tokens)["params"]
+    lora = jaxlora.LoraConfig(rank=2, targets="all-linear", stacked_axes={"layers/": 1})
+    base, delta = jaxlora.split(params, lora, key=key)
+    qbase = jaxlora.quantize(base, targets="layers/.*kernel", double_quant=False)
+    loss = lambda p, t: causal_lm_loss(model.apply({"params": p}, t), t)
+    tx = _memory.lora_optimizer(optax.adam(1e-3), delta)
+    report = _memory.memory_of(
+        _memory.lora_step(loss, tx), delta, tx.init(delta), qbase, tokens, donate_argnums=(0, 1)
+    )
+    assert report.argument >= sum(
+        q.nbytes
+        for q in jax.tree.leaves(qbase, is_leaf=lambda x: isinstance(x, jaxlora.QuantizedArray))
+        if isinstance(q, jaxlora.QuantizedArray)
+    )

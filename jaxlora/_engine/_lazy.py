@@ -110,12 +110,13 @@ def bind_at_use(bind: Callable[[list], list], operands: list, index: int) -> lis
     def use(q: QuantizedArray, others: list) -> list:
         return apply(q, others)
 
+    shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in others]
+
     def forward(q: QuantizedArray, others: list) -> tuple[list, tuple]:
-        shapes = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in others]
-        return apply(q, others), (q, shapes)
+        return apply(q, others), (q,)
 
     def backward(residuals: tuple, cotangents: list) -> tuple:
-        q, shapes = residuals
+        (q,) = residuals
         q = _after(q, cotangents)  # apply() adds the zero-valued operands' dependency too
         floats = [i for i, s in enumerate(shapes) if jnp.issubdtype(s.dtype, jnp.inexact)]
         at_zero = [jnp.zeros(s.shape, s.dtype) for s in shapes]

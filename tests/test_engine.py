@@ -301,7 +301,7 @@ def test_vmap_over_the_wrapped_function(key):
 # ---------------------------------------------------------------- property test
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_random_dot_general_dimension_numbers(data):
     """Any contracting/batch dims, the weight on either side, several input/output axes."""

@@ -142,7 +142,7 @@ def test_merge_in_float32_casts_back_to_bfloat16(key):
     np.testing.assert_allclose(np.asarray(merged, np.float32), expected, rtol=1e-2, atol=1e-2)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     n_in=st.integers(1, 12),
     n_out=st.integers(1, 12),

@@ -51,13 +51,11 @@ def _low_rank_einsum(
     keep = set(second[1]) | set(out_letters)
     mid = "".join(dict.fromkeys(c for c in x_letters + first[1] if c in keep))
     t = jnp.einsum(f"{x_letters},{first[1]}->{mid}", x.astype(dtype), first[0].astype(dtype))
-    out = jnp.einsum(
-        f"{mid},{second[1]}->{out_letters}",
-        t,
-        second[0].astype(dtype),
-        preferred_element_type=preferred,
+    # the scale goes on the small second factor, not on the activation-sized output
+    second_scaled = frozen_scale(v).astype(dtype) * second[0].astype(dtype)
+    return jnp.einsum(
+        f"{mid},{second[1]}->{out_letters}", t, second_scaled, preferred_element_type=preferred
     )
-    return frozen_scale(v).astype(out.dtype) * out
 
 
 def dot_general(

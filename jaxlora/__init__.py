@@ -5,6 +5,7 @@ delta with any optax optimizer, merge it back for serving.
 """
 
 from jaxlora import multi as multi
+from jaxlora import variants as variants
 from jaxlora._apply import lora_apply as lora_apply
 from jaxlora._config import LoraConfig as LoraConfig
 from jaxlora._delta import LoraNode as LoraNode

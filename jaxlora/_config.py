@@ -42,6 +42,10 @@ class LoraConfig:
             decomposition of ``W``). For ``pissa`` and ``olora`` the base becomes
             ``W - s·a@b`` so that the model is unchanged at step 0.
         rslora: use the rank-stabilized scale ``alpha / sqrt(rank)``.
+        use_dora: build DoRA adapters (:class:`jaxlora.variants.DoraNode`): the
+            adapted weight is ``m · (W + s·a@b) / ||W + s·a@b||`` with a trainable
+            magnitude ``m`` per output unit (Liu et al. 2024,
+            https://arxiv.org/abs/2402.09353).
         rank_pattern: regex -> rank for some paths; the first regex found in a
             path wins.
         alpha_pattern: regex -> alpha for some paths; the first regex found wins.
@@ -73,6 +77,7 @@ class LoraConfig:
     dropout: float = 0.0
     init: str = "gaussian"
     rslora: bool = False
+    use_dora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     stacked_axes: int | Mapping[str, int] | None = None
@@ -87,6 +92,8 @@ class LoraConfig:
             raise ValueError(f"dropout must be a float in [0, 1); got {self.dropout!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"use_dora must be a bool; got {self.use_dora!r}")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.exclude, list):

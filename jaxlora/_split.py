@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -9,31 +10,36 @@ import jax.numpy as jnp
 
 from jaxlora import _paths
 from jaxlora._config import LoraConfig
-from jaxlora._delta import LoraNode, init_factors, is_delta_leaf, is_node
+from jaxlora._delta import AdapterNode, LoraNode, init_factors, is_delta_leaf, is_node
 
 _MAX_LISTED_PATHS = 12
 
 
-def split(params: Any, config: LoraConfig, *, key: jax.Array) -> tuple[Any, Any]:
+def split(params: Any, config: Any, *, key: jax.Array) -> tuple[Any, Any]:
     """Splits a parameter tree into a frozen base and a trainable low-rank delta.
 
     Args:
         params: any pytree of arrays: Flax linen ``params``, an ``nnx.State`` or a
             plain dict.
-        config: which leaves to adapt and how.
+        config: which leaves to adapt and how: a :class:`LoraConfig` (LoRA, rsLoRA,
+            and DoRA with ``use_dora=True``) or a variant config such as
+            :class:`jaxlora.variants.VeraConfig` or
+            :class:`jaxlora.variants.AdaLoraConfig`.
         key: a PRNG key for the adapters' initialization.
 
     Returns:
         ``(base, delta)``. ``base`` has ``params``' structure and holds the frozen
         weights (the same arrays, except that ``pissa``/``olora`` subtract their
-        initial product). ``delta`` mirrors ``params`` with a :class:`LoraNode` at
-        each adapted leaf and ``None`` elsewhere.
+        initial product). ``delta`` mirrors ``params`` with an adapter node (a
+        :class:`LoraNode`, or the config's variant node) at each adapted leaf and
+        ``None`` elsewhere.
 
     Raises:
         ValueError: if ``targets`` match no adaptable leaf (the message lists the
             paths that could be targeted), if a rank exceeds ``min(in, out)`` of
             its weight, or if a weight's layout is ambiguous.
-        TypeError: if a targeted leaf is not a floating-point array.
+        TypeError: if a targeted leaf is not a floating-point array, or if
+            ``config`` is not a config.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
@@ -45,11 +51,10 @@ def split(params: Any, config: LoraConfig, *, key: jax.Array) -> tuple[Any, Any]
         >>> delta["norm"]["scale"] is None
         True
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a jaxlora.LoraConfig; got {type(config).__name__}")
+    node_builder = _node_builder(config)
     matches = config.matcher()
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_paths.is_box)
-    base_leaves, delta_leaves = [], []
+    targeted = []  # (index, path, weight)
     candidates = []
     for index, (key_path, leaf) in enumerate(flat):
         path = _paths.path_str(key_path)
@@ -57,8 +62,6 @@ def split(params: Any, config: LoraConfig, *, key: jax.Array) -> tuple[Any, Any]
         if _adaptable(value):
             candidates.append(path)
         if not matches(path, value) or (_is_array(value) and value.ndim < 2):
-            base_leaves.append(leaf)
-            delta_leaves.append(None)
             continue
         if not _adaptable(value):
             raise TypeError(
@@ -66,10 +69,8 @@ def split(params: Any, config: LoraConfig, *, key: jax.Array) -> tuple[Any, Any]
                 "arrays with at least two axes can be adapted. Narrow `targets` or add this "
                 "path to `exclude`."
             )
-        node, new_weight = _make_node(jax.random.fold_in(key, index), path, value, config)
-        base_leaves.append(leaf if new_weight is None else _paths.rebox(leaf, new_weight))
-        delta_leaves.append(node)
-    if not any(d is not None for d in delta_leaves):
+        targeted.append((index, path, value))
+    if not targeted:
         shown = ", ".join(repr(p) for p in candidates[:_MAX_LISTED_PATHS])
         more = f" and {len(candidates) - _MAX_LISTED_PATHS} more" if len(candidates) > 12 else ""
         raise ValueError(
@@ -77,12 +78,39 @@ def split(params: Any, config: LoraConfig, *, key: jax.Array) -> tuple[Any, Any]
             f"parameter. Adaptable paths look like: {shown or '(none: no float leaf has 2+ axes)'}"
             f"{more}. Pass a regex that matches some of them."
         )
+    # Variants that share state across layers (VeRA's projections) see every target first.
+    make = node_builder([(path, value) for _, path, value in targeted])
+    base_leaves = [leaf for _, leaf in flat]
+    delta_leaves: list[Any] = [None] * len(flat)
+    for index, path, value in targeted:
+        node, new_weight = make(jax.random.fold_in(key, index), path, value)
+        if new_weight is not None:
+            base_leaves[index] = _paths.rebox(base_leaves[index], new_weight)
+        delta_leaves[index] = node
     return treedef.unflatten(base_leaves), treedef.unflatten(delta_leaves)
+
+
+def _node_builder(config: Any) -> Callable[[list[tuple[str, Any]]], Callable[..., Any]]:
+    """``targets -> make(key, path, weight) -> (node, new_weight or None)`` for ``config``.
+
+    A ``LoraConfig`` makes :class:`LoraNode` (or DoRA) adapters; any other config
+    provides ``node_builder(targets)`` itself (``jaxlora.variants``).
+    """
+    if isinstance(config, LoraConfig):
+        return lambda targets: lambda key, path, weight: _make_node(key, path, weight, config)
+    builder = getattr(config, "node_builder", None)
+    if not callable(builder) or not callable(getattr(config, "matcher", None)):
+        raise TypeError(
+            f"config must be a jaxlora.LoraConfig or a variant config such as "
+            f"jaxlora.variants.VeraConfig or jaxlora.variants.AdaLoraConfig; got "
+            f"{type(config).__name__}"
+        )
+    return builder
 
 
 def _make_node(
     key: jax.Array, path: str, weight: Any, config: LoraConfig
-) -> tuple[LoraNode, jax.Array | None]:
+) -> tuple[AdapterNode, jax.Array | None]:
     layout = config.layout_for(path, tuple(weight.shape))
     from jaxlora.quant import QuantizedArray
 
@@ -108,6 +136,10 @@ def _make_node(
 
     a, b = place_factors(weight, layout, a, b)
     node = LoraNode(a, b, jnp.float32(scale), layout=layout, dropout=float(config.dropout))
+    if config.use_dora:
+        from jaxlora.variants.dora import DoraNode
+
+        return DoraNode.from_lora(node, weight if new_weight is None else new_weight), new_weight
     return node, new_weight
 
 
@@ -364,7 +396,7 @@ def summary(delta: Any) -> str:
                 str(node.layout.shape),
                 str(node.rank),
                 f"{float(node.scale):.2f}",
-                str(node.a.size + node.b.size),
+                str(_trainable_size(node)),
             )
         )
     header = ("path", "weight", "rank", "scale", "params")
@@ -380,6 +412,13 @@ def summary(delta: Any) -> str:
     plural = "" if len(rows) == 1 else "s"
     lines.append(f"{len(rows)} adapted weight{plural}, {total} trainable parameters")
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _trainable_size(node: AdapterNode) -> int:
+    """The number of trainable numbers in one adapter node (``a`` and ``b`` for LoRA)."""
+    leaves = jax.tree.leaves(node)
+    mask = jax.tree.leaves(node.trainable_mask())
+    return sum(int(x.size) for x, m in zip(leaves, mask, strict=True) if m)
 
 
 def _is_array(x: Any) -> bool:

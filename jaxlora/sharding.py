@@ -104,10 +104,11 @@ def adapter_shardings(base_shardings: Any, delta: Any) -> Any:
     def one(key_path: Any, node: Any, leaf: Any) -> Any:
         if node is None:
             return None
-        if not is_node(node):
+        if not is_node(node) or type(node) is not LoraNode:
             raise TypeError(
                 f"delta holds a {type(node).__name__} at {jax.tree_util.keystr(key_path)}; "
-                "expected a jaxlora.LoraNode or None. Pass the delta from jaxlora.split."
+                "expected a jaxlora.LoraNode or None (adapter shardings for DoRA, VeRA and "
+                "AdaLoRA nodes are not derived yet). Pass the delta from jaxlora.split."
             )
         return _node_shardings(_paths.path_str(key_path), node.layout, node, leaf)
 

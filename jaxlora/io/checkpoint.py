@@ -268,6 +268,12 @@ def _flatten_delta(
         if leaf is None:
             holes.append(keys)
             continue
+        if is_node(leaf) and type(leaf) is not LoraNode:
+            raise TypeError(
+                f"save_adapter supports plain LoRA adapters; {path!r} holds a "
+                f"{type(leaf).__name__} (DoRA, VeRA and AdaLoRA checkpoints are not supported "
+                "yet; for AdaLoRA save jaxlora.variants.to_lora(delta))"
+            )
         if not is_node(leaf):
             raise TypeError(
                 f"delta holds {_describe(leaf)} at {jax.tree_util.keystr(key_path)}; a delta has "

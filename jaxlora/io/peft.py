@@ -155,6 +155,12 @@ def export(
         path = _paths.path_str(key_path)
         if node is None:
             continue
+        if is_node(node) and type(node) is not LoraNode:
+            raise TypeError(
+                f"PEFT export supports plain LoRA adapters; {path!r} holds a "
+                f"{type(node).__name__} (DoRA's magnitude vector, VeRA and AdaLoRA are not "
+                "exported yet; for AdaLoRA export jaxlora.variants.to_lora(delta))"
+            )
         if not is_node(node):
             raise TypeError(
                 f"delta holds {type(node).__name__} at {path!r}; a delta holds jaxlora.LoraNode "

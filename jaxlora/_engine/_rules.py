@@ -51,10 +51,14 @@ def _low_rank_einsum(
     keep = set(second[1]) | set(out_letters)
     mid = "".join(dict.fromkeys(c for c in x_letters + first[1] if c in keep))
     t = jnp.einsum(f"{x_letters},{first[1]}->{mid}", x.astype(dtype), first[0].astype(dtype))
-    # the scale goes on the small second factor, not on the activation-sized output
-    second_scaled = frozen_scale(v).astype(dtype) * second[0].astype(dtype)
+    # the scale goes on the rank-sized intermediate: no pass over the activation-sized output,
+    # and no scaled copy of a factor for the backward pass to keep
+    t = frozen_scale(v).astype(dtype) * t
     return jnp.einsum(
-        f"{mid},{second[1]}->{out_letters}", t, second_scaled, preferred_element_type=preferred
+        f"{mid},{second[1]}->{out_letters}",
+        t,
+        second[0].astype(dtype),
+        preferred_element_type=preferred,
     )
 
 

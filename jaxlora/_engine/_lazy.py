@@ -11,7 +11,6 @@ exist in full precision.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -167,8 +166,3 @@ def _zero_cotangent(tree: Any) -> Any:
         return np.zeros(x.shape, jax.dtypes.float0)
 
     return jax.tree.map(zero, tree)
-
-
-def size_of(shape: tuple[int, ...]) -> int:
-    """The number of elements of an array of shape ``shape``."""
-    return math.prod(shape)

@@ -22,27 +22,15 @@ import jax
 import jax.numpy as jnp
 
 import jaxlora
-from benchmarks.speed import interleaved
-from jaxlora.models.llama import Llama, LlamaConfig
+from benchmarks.speed import interleaved, small_llama
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    cfg = LlamaConfig(
-        vocab_size=4096,
-        d_model=512,
-        n_layers=4,
-        n_heads=8,
-        d_ff=1408,
-        max_len=128,
-        scan_layers=True,
-    )
-    model = Llama(cfg)
+    model, tokens, params = small_llama(16)
     key = jax.random.key(0)
-    tokens = jax.random.randint(key, (16, 128), 0, cfg.vocab_size)
-    params = jax.jit(model.init)(key, tokens[:, :8])["params"]
     config = jaxlora.LoraConfig(rank=8, targets="all-linear", stacked_axes=1)
     deltas = []
     for i in range(8):

@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jaxlora  # noqa: E402
-from benchmarks.speed import interleaved  # noqa: E402
+from benchmarks.speed import interleaved, small_llama  # noqa: E402
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss  # noqa: E402
 
 MIB = 2**20
@@ -90,19 +90,8 @@ def memory_rows(preset, dtype, *, seq: int) -> dict:
 
 
 def step_times(rounds: int) -> dict:
-    cfg = LlamaConfig(
-        vocab_size=4096,
-        d_model=512,
-        n_layers=4,
-        n_heads=8,
-        d_ff=1408,
-        max_len=128,
-        scan_layers=True,
-    )
-    model = Llama(cfg)
+    model, tokens, params = small_llama(8)
     key = jax.random.key(0)
-    tokens = jax.random.randint(key, (8, 128), 0, cfg.vocab_size)
-    params = jax.jit(model.init)(key, tokens[:, :8])["params"]
     config = jaxlora.LoraConfig(rank=8, targets="all-linear", stacked_axes=1)
     base, delta = jaxlora.split(params, config, key=key)
     qbase = jaxlora.quantize(base, targets=QUANT_TARGETS)

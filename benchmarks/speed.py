@@ -33,6 +33,27 @@ def _block(x):
     return jax.tree.map(lambda a: a.block_until_ready(), x)
 
 
+def small_llama(batch: int, seq: int = 128) -> tuple[Llama, jax.Array, dict]:
+    """The small decoder the multi-adapter and QLoRA benchmarks share: (model, tokens, params).
+
+    d_model 512, 4 layers stacked with ``nn.scan``, 8 heads, d_ff 1408, vocab 4096.
+    """
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        d_model=512,
+        n_layers=4,
+        n_heads=8,
+        d_ff=1408,
+        max_len=seq,
+        scan_layers=True,
+    )
+    model = Llama(cfg)
+    key = jax.random.key(0)
+    tokens = jax.random.randint(key, (batch, seq), 0, cfg.vocab_size)
+    params = jax.jit(model.init)(key, tokens[:, :8])["params"]
+    return model, tokens, params
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median seconds per call for each function, timed in interleaved rounds."""
     for fn in fns.values():

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.models.llama import LlamaConfig, apply_rotary, rotary_cos_sin
+from jaxlora.models.llama import LlamaConfig, apply_rotary, causal_attention, rotary_cos_sin
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -59,19 +59,11 @@ class NnxAttention(nnx.Module):
         cfg = self.cfg
         batch, seq, _ = x.shape
         hd, kv = cfg.head_dim, cfg.n_kv_heads
-        groups = cfg.n_heads // kv
         q = self.q_proj(x).reshape(batch, seq, cfg.n_heads, hd)
         k = self.k_proj(x).reshape(batch, seq, kv, hd)
         v = self.v_proj(x).reshape(batch, seq, kv, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q.reshape(batch, seq, kv, groups, hd)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores.astype(jnp.float32) / np.float32(np.sqrt(hd))
-        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(cfg.dtype))
-        return self.o_proj(out.reshape(batch, seq, cfg.n_heads * hd))
+        return self.o_proj(causal_attention(q, k, v, dtype=cfg.dtype))
 
 
 class NnxMLP(nnx.Module):

@@ -36,6 +36,7 @@ __all__ = [
     "LlamaMLP",
     "RMSNorm",
     "apply_rotary",
+    "causal_attention",
     "causal_lm_loss",
     "rotary_cos_sin",
 ]
@@ -290,6 +291,36 @@ def apply_rotary(x: ArrayLike, cos: ArrayLike, sin: ArrayLike) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dtype: Any) -> jax.Array:
+    """Causal grouped-query softmax attention, scores and softmax in float32.
+
+    Args:
+        q: ``(batch, seq, n_heads, head_dim)``, rotary already applied.
+        k: ``(batch, seq, n_kv_heads, head_dim)``, rotary already applied.
+        v: ``(batch, seq, n_kv_heads, head_dim)``.
+        dtype: the compute dtype of the probabilities and the output.
+
+    Returns:
+        ``(batch, seq, n_heads * head_dim)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> q = jnp.ones((1, 3, 4, 2)); kv = jnp.ones((1, 3, 2, 2))
+        >>> causal_attention(q, kv, kv, dtype=jnp.float32).shape
+        (1, 3, 8)
+    """
+    batch, seq, n_heads, hd = q.shape
+    kv = k.shape[2]
+    q = q.reshape(batch, seq, kv, n_heads // kv, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores.astype(jnp.float32) / np.float32(np.sqrt(hd))
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype))
+    return out.reshape(batch, seq, n_heads * hd)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm with a learned ``scale`` (no bias, no centring).
 
@@ -363,19 +394,11 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         batch, seq, _ = x.shape
         hd, kv = cfg.head_dim, cfg.n_kv_heads
-        groups = cfg.n_heads // kv
         q = _dense(cfg.n_heads * hd, "q_proj", cfg)(x).reshape(batch, seq, cfg.n_heads, hd)
         k = _dense(kv * hd, "k_proj", cfg)(x).reshape(batch, seq, kv, hd)
         v = _dense(kv * hd, "v_proj", cfg)(x).reshape(batch, seq, kv, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q = q.reshape(batch, seq, kv, groups, hd)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores.astype(jnp.float32) / np.float32(np.sqrt(hd))
-        causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-        scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(cfg.dtype))
-        out = out.reshape(batch, seq, cfg.n_heads * hd)
+        out = causal_attention(q, k, v, dtype=cfg.dtype)
         return _dense(cfg.d_model, "o_proj", cfg)(out)
 
 

@@ -93,7 +93,7 @@ def lora_apply(
                 )
             return fn(merge(base, delta), *args, **kwargs)
         treedef = jax.tree.structure(base, is_leaf=_paths.is_box)
-        nodes = treedef.flatten_up_to(jax.tree.map(lambda x: x, delta, is_leaf=is_delta_leaf))
+        nodes = treedef.flatten_up_to(delta)
         return _engine.use_site_call(
             fn,
             base,

@@ -23,3 +23,6 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 _MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if _MEMORY_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_MEMORY_FLAG}".strip()
+
+# Fixtures shared by several test modules (the tiny PyTorch BERT of the PEFT tests).
+pytest_plugins = ["tests.peft_fixtures"]

@@ -177,9 +177,7 @@ def fill_delta(delta: Any, adapters: dict) -> Any:
             return node
         a, b = adapters[_site(jax.tree_util.keystr(path, simple=True, separator="/"))]
         # Fresh buffers throughout: the steps donate them.
-        return dataclasses.replace(
-            node, a=jnp.array(a), b=jnp.array(b), scale=jnp.array(node.scale)
-        )
+        return dataclasses.replace(node, a=jnp.array(a), b=jnp.array(b))
 
     return jax.tree_util.tree_map_with_path(fill, delta, is_leaf=_is_node)
 

@@ -21,6 +21,8 @@ Run: ``python -m benchmarks.qlora [--7b] [--rounds 7]``
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxlora import _memory
 
 _memory.use_memory_minimizing_cpu_scheduler()
@@ -123,16 +125,10 @@ def requantization_errors() -> list[tuple[float, float, float]]:
         config = jaxlora.LoraConfig(rank=8, targets="w")
         base, delta = jaxlora.split({"w": w}, config, key=key)
         b = jax.random.normal(jax.random.key(1), delta["w"].b.shape)
-        delta = {
-            "w": delta["w"].__class__(delta["w"].a, b, delta["w"].scale, layout=delta["w"].layout)
-        }
+        delta = {"w": dataclasses.replace(delta["w"], b=b)}
         dw = delta["w"].delta_weight()
         factor = rel * jnp.linalg.norm(w) / jnp.linalg.norm(dw)
-        delta = {
-            "w": delta["w"].__class__(
-                delta["w"].a, b * factor, delta["w"].scale, layout=delta["w"].layout
-            )
-        }
+        delta = {"w": dataclasses.replace(delta["w"], b=b * factor)}
         dw = delta["w"].delta_weight()
         qbase = jaxlora.quantize(base)
         exact = qbase["w"].dequantize(jnp.float32) + dw

@@ -2,6 +2,11 @@
 
 Split a parameter tree into a frozen base and a low-rank delta, train the
 delta with any optax optimizer, merge it back for serving.
+
+Every adapter node type (LoRA and its variants) follows one protocol, described
+in :mod:`jaxlora._node`: its array leaves are exactly what trains, its fixed
+values are static metadata, and it declares how it contributes at a use site,
+merges, serializes, shards and stacks.
 """
 
 from jaxlora import multi as multi
@@ -21,6 +26,8 @@ from jaxlora._split import trainable_mask as trainable_mask
 from jaxlora._split import unmerge as unmerge
 from jaxlora.io.checkpoint import load_adapter as load_adapter
 from jaxlora.io.checkpoint import save_adapter as save_adapter
+from jaxlora.io.peft import load_peft as load_peft
+from jaxlora.io.peft import save_peft as save_peft
 from jaxlora.multi import combine_adapters as combine_adapters
 from jaxlora.multi import pad_rank as pad_rank
 from jaxlora.multi import stack as stack

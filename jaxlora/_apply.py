@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from jaxlora import _engine, _paths
-from jaxlora._delta import is_delta_leaf
+from jaxlora._node import is_delta_leaf
 from jaxlora._split import check_structure, merge
 
 STRATEGIES = ("use-site", "merge")
@@ -110,10 +110,8 @@ def lora_apply(
 
 
 def _check_adapter_ids(delta: Any, adapter_ids: Any, strategy: str) -> jax.Array | None:
-    from jaxlora.multi import StackedLoraNode
-
     nodes = [n for n in jax.tree.leaves(delta, is_leaf=is_delta_leaf) if n is not None]
-    stacked = [isinstance(n, StackedLoraNode) for n in nodes]
+    stacked = [n.n_adapters is not None for n in nodes]
     if adapter_ids is None:
         if any(stacked):
             raise ValueError(

@@ -15,7 +15,81 @@ from jaxlora import _paths
 
 INITS = ("gaussian", "kaiming", "pissa", "olora")
 
+_CONFIG_KINDS: dict[str, type] = {}
 
+
+def register_config(kind: str) -> Callable[[type], type]:
+    """Registers a config class under ``kind``, the name adapter checkpoints store.
+
+    ``LoraConfig`` is ``"lora"``; :mod:`jaxlora.variants` registers its configs.
+    """
+
+    def register(cls: type) -> type:
+        if _CONFIG_KINDS.get(kind, cls).__qualname__ != cls.__qualname__:
+            raise ValueError(f"config kind {kind!r} is taken by {_CONFIG_KINDS[kind].__name__}")
+        cls.kind = kind  # type: ignore[attr-defined]
+        _CONFIG_KINDS[kind] = cls
+        return cls
+
+    return register
+
+
+def config_type(kind: str) -> type:
+    """The config class registered under ``kind``.
+
+    Raises:
+        ValueError: for an unknown kind.
+
+    Example:
+        >>> import jaxlora
+        >>> from jaxlora._config import config_type
+        >>> config_type("lora") is jaxlora.LoraConfig
+        True
+    """
+    try:
+        return _CONFIG_KINDS[kind]
+    except KeyError:
+        raise ValueError(
+            f"no adapter config has kind {kind!r}; known kinds: {sorted(_CONFIG_KINDS)}"
+        ) from None
+
+
+def check_node_matches(
+    path: str, node: Any, *, kind: str, rank: int, scale: float, dtype: Any, arrays: tuple[str, ...]
+) -> None:
+    """Raises unless ``node`` is the ``kind`` node of ``rank``, ``scale``, ``dtype`` a config makes.
+
+    ``arrays`` names the node's fields whose dtype is the config's ``dtype``.
+    """
+    fix = "Pass the config the delta was made with."
+    if getattr(node, "kind", None) != kind:
+        raise ValueError(
+            f"the adapter at {path!r} is a {type(node).__name__} (kind "
+            f"{getattr(node, 'kind', None)!r}), but config makes {kind!r} adapters. {fix}"
+        )
+    if node.rank != rank:
+        raise ValueError(
+            f"the adapter at {path!r} has rank {node.rank}, but config gives that path rank "
+            f"{rank}. {fix}"
+        )
+    if float(node.scale) != float(scale):
+        raise ValueError(
+            f"the adapter at {path!r} has scale {float(node.scale)!r}, but config gives that "
+            f"path scale {float(scale)!r} (alpha / rank); the stored config would disagree with "
+            f"the arrays. {fix}"
+        )
+    want = jnp.dtype(dtype)
+    for name in arrays:
+        found = jnp.dtype(getattr(node, name).dtype)
+        if found != want:
+            raise TypeError(
+                f"the adapter at {path!r} has {name} of dtype {found.name}, but config.dtype is "
+                f"{want.name}. {fix[:-1]}, or dataclasses.replace(config, dtype=jnp."
+                f"{found.name}) if you cast the delta."
+            )
+
+
+@register_config("lora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraConfig:
     """A frozen, validated description of a LoRA adapter.
@@ -144,6 +218,27 @@ class LoraConfig:
         """The scale ``s`` used at ``path``: ``alpha / rank``, or ``alpha / sqrt(rank)``."""
         rank = self.rank_for(path)
         return self.alpha_for(path) / (math.sqrt(rank) if self.rslora else rank)
+
+    def check_node(self, path: str, node: Any) -> None:
+        """Raises unless ``node`` is the adapter this config makes at ``path``.
+
+        Compares the node type (LoRA or DoRA), rank, scale and dtype; the
+        checkpoint writer calls it so that a stored config never disagrees
+        with the stored arrays.
+
+        Raises:
+            ValueError: for another node type, rank or scale.
+            TypeError: for another dtype of ``a`` or ``b``.
+        """
+        check_node_matches(
+            path,
+            node,
+            kind="dora" if self.use_dora else "lora",
+            rank=self.rank_for(path),
+            scale=self.scale_for(path),
+            dtype=self.dtype,
+            arrays=("a", "b"),
+        )
 
     def layout_for(self, path: str, shape: tuple[int, ...]) -> _paths.Layout:
         """Reads the weight at ``path`` as ``stacked + inputs + outputs`` axes."""

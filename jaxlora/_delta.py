@@ -1,118 +1,80 @@
-"""``LoraNode``, the adapter held at each adapted leaf of a delta, and its initializers."""
+"""``LoraNode``, the plain LoRA adapter of one weight, and the initializers of its factors."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from jaxlora._node import AdapterNode
 from jaxlora._paths import Layout
-
-
-class AdapterNode:
-    """What every adapter node type provides (LoRA, and the variants built on it).
-
-    Subclasses are frozen dataclasses registered as pytrees, with static
-    ``layout`` and ``dropout`` fields. The use-site engine and ``merge`` only
-    talk to a node through these methods, so a variant is a node type:
-
-    * :meth:`factors`: effective ``(a, b, scale)`` with the weight's delta
-      ``scale · a @ b`` (``a: (*stacked, n_in, r)``, ``b: (*stacked, r, n_out)``);
-    * :meth:`output_scale`: ``None``, or a per-output-unit multiplier
-      ``(*stacked, n_out)`` applied to ``x @ (W + delta)`` (DoRA's ``m / ||W + delta||``);
-    * :meth:`merge_into` / :meth:`unmerge_from`: the merged weight and back,
-      in float32 and the weight's shape;
-    * :meth:`trainable_mask`: the node with ``True`` on its trainable leaves.
-    """
-
-    layout: Layout
-    dropout: float
-
-    def factors(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        raise NotImplementedError
-
-    def output_scale(self, weight: jax.Array) -> jax.Array | None:
-        return None
-
-    def delta_weight(self, dtype: Any = jnp.float32) -> jax.Array:
-        """``scale · a @ b`` in the base weight's shape, computed in float32."""
-        a, b, scale = self.factors()
-        scale = jax.lax.stop_gradient(scale).astype(jnp.float32)
-        delta = scale * jnp.matmul(
-            a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-        )
-        return delta.reshape(self.layout.shape).astype(dtype)
-
-    def merge_into(self, weight: jax.Array) -> jax.Array:
-        """``W + scale · a @ b`` (float32 in, float32 out)."""
-        return weight + self.delta_weight(jnp.float32)
-
-    def unmerge_from(self, merged: jax.Array) -> jax.Array:
-        """The inverse of :meth:`merge_into`."""
-        return merged - self.delta_weight(jnp.float32)
-
-    def trainable_mask(self) -> Any:
-        raise NotImplementedError
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraNode(AdapterNode):
+class LoraNode(AdapterNode, kind="lora"):
     """The low-rank adapter of one weight: ``W' = W + scale · a @ b``.
 
     A delta (the second output of :func:`jaxlora.split`) mirrors the parameter
-    tree with a ``LoraNode`` at each adapted leaf and ``None`` elsewhere.
+    tree with a ``LoraNode`` at each adapted leaf and ``None`` elsewhere. Its two
+    arrays are its only pytree leaves, so any optax optimizer applied to the
+    delta trains exactly ``a`` and ``b``.
 
     Attributes:
         a: ``(*stacked, n_in, rank)``, trainable.
         b: ``(*stacked, rank, n_out)``, trainable.
-        scale: a float32 scalar array, ``alpha / rank``; frozen (the engine stops its
-            gradient) and an array so that adapters with other alphas swap in
-            without recompiling.
+        scale: ``alpha / rank`` (or ``alpha / sqrt(rank)``), a static float: part of the
+            tree's structure, never an optimizer's leaf. Adapters of equal shapes
+            and scales swap into a compiled function without recompiling; to share
+            one compiled function across scales, fold them
+            (:func:`jaxlora.pad_rank`, :func:`jaxlora.stack`).
         layout: how the base weight's axes read (static).
         dropout: the dropout rate on the low-rank branch's input (static).
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax, jax.numpy as jnp
         >>> from jaxlora import LoraNode
         >>> from jaxlora._paths import Layout
-        >>> node = LoraNode(jnp.ones((3, 2)), jnp.ones((2, 4)), jnp.float32(0.5),
+        >>> node = LoraNode(jnp.ones((3, 2)), jnp.ones((2, 4)), scale=0.5,
         ...                 layout=Layout((), (3,), (4,)))
-        >>> node.rank, node.delta_weight().shape
-        (2, (3, 4))
+        >>> node.rank, node.delta_weight().shape, len(jax.tree.leaves(node))
+        (2, (3, 4), 2)
     """
+
+    axes: ClassVar[Mapping[str, tuple[str, ...]]] = {"a": ("in", "rank"), "b": ("rank", "out")}
 
     a: jax.Array
     b: jax.Array
-    scale: jax.Array
-    layout: Layout = dataclasses.field(metadata=dict(static=True))
-    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    scale: float = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    layout: Layout = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, kw_only=True, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
         """The adapter's rank."""
         return self.a.shape[-1]
 
-    def factors(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(a, b, scale)``."""
-        return self.a, self.b, self.scale
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        """``(a, b)``."""
+        return self.a, self.b
 
-    def trainable_mask(self) -> LoraNode:
-        """This node's structure with ``True`` on ``a`` and ``b`` and ``False`` on ``scale``."""
-        return dataclasses.replace(self, a=True, b=True, scale=False)  # type: ignore[arg-type]
+    def fold_scale(self) -> LoraNode:
+        """The same adapter with scale 1: ``b`` becomes ``scale · b`` (rounded to ``b``'s dtype)."""
+        if self.scale == 1.0:
+            return self
+        b = (jnp.float32(self.scale) * self.b.astype(jnp.float32)).astype(self.b.dtype)
+        return dataclasses.replace(self, b=b, scale=1.0)
 
-
-def is_node(x: Any) -> bool:
-    """Whether ``x`` is an adapter node (the leaf type of a delta)."""
-    return isinstance(x, AdapterNode)
-
-
-def is_delta_leaf(x: Any) -> bool:
-    """``is_leaf`` for walking a delta: adapter nodes and holes (``None``)."""
-    return x is None or is_node(x)
+    def pad_rank(self, rank: int) -> LoraNode:
+        """The same adapter at rank ``rank``: zero columns of ``a``, zero rows of ``b``."""
+        extra = rank - self.rank
+        a = jnp.pad(self.a, [(0, 0)] * (self.a.ndim - 1) + [(0, extra)])
+        b = jnp.pad(self.b, [(0, 0)] * (self.b.ndim - 2) + [(0, extra), (0, 0)])
+        return dataclasses.replace(self, a=a, b=b)
 
 
 def init_factors(

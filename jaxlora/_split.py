@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora import _paths
 from jaxlora._config import LoraConfig
-from jaxlora._delta import AdapterNode, LoraNode, init_factors, is_delta_leaf, is_node
+from jaxlora._delta import LoraNode, init_factors
+from jaxlora._node import AdapterNode, is_delta_leaf, is_node, node_type
+from jaxlora._placement import place_node
 
 _MAX_LISTED_PATHS = 12
 
@@ -84,6 +88,7 @@ def split(params: Any, config: Any, *, key: jax.Array) -> tuple[Any, Any]:
     delta_leaves: list[Any] = [None] * len(flat)
     for index, path, value in targeted:
         node, new_weight = make(jax.random.fold_in(key, index), path, value)
+        node = place_node(value, node)  # adapters of a sharded weight follow its sharding
         if new_weight is not None:
             base_leaves[index] = _paths.rebox(base_leaves[index], new_weight)
         delta_leaves[index] = node
@@ -131,15 +136,11 @@ def _make_node(
     a, b, new_weight = init_factors(
         key, weight, layout, rank=rank, scale=scale, init=config.init, dtype=config.dtype
     )
-    # Adapters of a sharded weight follow its sharding (jaxlora.sharding).
-    from jaxlora.sharding import place_factors
-
-    a, b = place_factors(weight, layout, a, b)
-    node = LoraNode(a, b, jnp.float32(scale), layout=layout, dropout=float(config.dropout))
+    node = LoraNode(a, b, scale=float(scale), layout=layout, dropout=float(config.dropout))
     if config.use_dora:
-        from jaxlora.variants.dora import DoraNode
-
-        return DoraNode.from_lora(node, weight if new_weight is None else new_weight), new_weight
+        # DoRA is a variant: found by its registered kind, so the core imports no variant
+        dora = node_type("dora")
+        return dora.from_lora(node, weight if new_weight is None else new_weight), new_weight  # type: ignore[attr-defined]
     return node, new_weight
 
 
@@ -281,30 +282,34 @@ def _check_weight(path: str, node: LoraNode, weight: Any) -> None:
 def trainable_mask(tree: Any) -> Any:
     """A bool tree that is ``True`` exactly on trainable adapter leaves.
 
-    Use it with ``optax.masked`` or ``optax.transforms.partition`` so that the
-    optimizer only updates (and only keeps state for) the adapters.
+    Every array leaf of an adapter node is trainable (fixed values such as the
+    scale are static metadata, not leaves), so a plain delta needs no mask:
+    ``optax.adamw(...)`` applied to it trains exactly the adapters. The mask
+    is for trees that hold adapters next to other arrays, such as
+    ``(base, delta)`` trained together with ``optax.masked`` or
+    ``optax.transforms.partition``.
 
     Args:
         tree: a delta, or any tree that contains adapter nodes (such as
-            ``(base, delta)``); every other leaf is marked ``False``.
+            ``(base, delta)``); every leaf outside a node is marked ``False``.
 
     Returns:
-        A tree of ``tree``'s structure: ``a`` and ``b`` of each adapter are
-        ``True``; scales and everything else are ``False``.
+        A tree of ``tree``'s structure: ``True`` on the arrays of each adapter
+        node (``a`` and ``b`` for LoRA), ``False`` on every other leaf.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
         >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
-        >>> _, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=1, targets="dense"),
-        ...                          key=jax.random.key(0))
-        >>> mask = jaxlora.trainable_mask(delta)
-        >>> mask["dense"]["kernel"].a, mask["dense"]["kernel"].scale, mask["dense"]["bias"]
+        >>> base, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=1, targets="dense"),
+        ...                             key=jax.random.key(0))
+        >>> mask = jaxlora.trainable_mask((base, delta))
+        >>> mask[1]["dense"]["kernel"].a, mask[0]["dense"]["kernel"], mask[1]["dense"]["bias"]
         (True, False, None)
     """
 
     def one(x: Any) -> Any:
         if is_node(x):
-            return x.trainable_mask()
+            return jax.tree.map(lambda _: True, x)
         return False
 
     return jax.tree.map(one, tree, is_leaf=is_node)
@@ -347,10 +352,13 @@ def count_parameters(base: Any, delta: Any) -> ParameterCount:
         >>> jaxlora.count_parameters(base, delta)
         ParameterCount(trainable=40, total=140)
     """
-    mask = trainable_mask(delta)
-    trainable = sum(
-        int(x.size) for x, m in zip(jax.tree.leaves(delta), jax.tree.leaves(mask), strict=True) if m
-    )
+    if _holds_nodes(base) and not _holds_nodes(delta):
+        raise ValueError(
+            "count_parameters(base, delta) got a base that holds adapter nodes and a delta "
+            "that holds none: the arguments are swapped. Call "
+            "jaxlora.count_parameters(base, delta) with base, delta = jaxlora.split(...)."
+        )
+    trainable = sum(_trainable_size(n) for n in _nodes_of(delta))
     frozen = sum(
         int(_paths.unbox(x).size)
         for _, x in _paths.leaves_with_paths(base)
@@ -360,17 +368,24 @@ def count_parameters(base: Any, delta: Any) -> ParameterCount:
 
 
 def adapter_nbytes(delta: Any) -> int:
-    """The bytes a delta's arrays occupy (what an adapter checkpoint stores).
+    """The bytes of a delta's arrays: its trainable arrays and its nodes' constants.
+
+    That is what an adapter checkpoint stores (a constant shared by several
+    nodes is counted once per node here, stored once there).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
         >>> params = {"dense": {"kernel": jnp.ones((10, 10))}}
         >>> _, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=2, targets="dense"),
         ...                          key=jax.random.key(0))
-        >>> jaxlora.adapter_nbytes(delta)  # 40 float32 + the float32 scale
-        164
+        >>> jaxlora.adapter_nbytes(delta)  # a: 10 x 2 and b: 2 x 10 in float32
+        160
     """
-    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(delta))
+    return sum(
+        int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        for node in _nodes_of(delta)
+        for x in node.arrays().values()
+    )
 
 
 def summary(delta: Any) -> str:
@@ -395,7 +410,7 @@ def summary(delta: Any) -> str:
                 _paths.path_str(key_path),
                 str(node.layout.shape),
                 str(node.rank),
-                f"{float(node.scale):.2f}",
+                _scale_text(node),
                 str(_trainable_size(node)),
             )
         )
@@ -415,10 +430,23 @@ def summary(delta: Any) -> str:
 
 
 def _trainable_size(node: AdapterNode) -> int:
-    """The number of trainable numbers in one adapter node (``a`` and ``b`` for LoRA)."""
-    leaves = jax.tree.leaves(node)
-    mask = jax.tree.leaves(node.trainable_mask())
-    return sum(int(x.size) for x, m in zip(leaves, mask, strict=True) if m)
+    """The number of trainable numbers in one adapter node: the sizes of its leaves."""
+    return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(node))
+
+
+def _scale_text(node: AdapterNode) -> str:
+    scales = getattr(node, "scales", None)  # stacked nodes hold one per adapter
+    if scales is not None and len(set(scales)) > 1:
+        return "mixed"
+    return f"{float(scales[0] if scales else node.scale):.2f}"
+
+
+def _nodes_of(tree: Any) -> list[AdapterNode]:
+    return [x for x in jax.tree.leaves(tree, is_leaf=is_node) if is_node(x)]
+
+
+def _holds_nodes(tree: Any) -> bool:
+    return bool(_nodes_of(tree))
 
 
 def _is_array(x: Any) -> bool:

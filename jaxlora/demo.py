@@ -712,13 +712,7 @@ def run_on(
         f"{steps} steps ({epochs:.1f} epochs) of {s['batch_size']}, lr {s['lr']:g} --"
     )
     t = time.perf_counter()
-    lora_tx = optax.transforms.partition(
-        {"train": _adamw(s["lr"], steps), "freeze": optax.set_to_zero()},
-        (
-            jax.tree.map(lambda m: "train" if m else "freeze", jaxlora.trainable_mask(delta)),
-            jax.tree.map(lambda _: "train", probe),
-        ),
-    )
+    lora_tx = _adamw(s["lr"], steps)  # (delta, head): every leaf of both trains
 
     def lora_logits(trainable: Any, frozen: Any, ids: Any, mask: Any, key: Any) -> jax.Array:
         del key  # the demo trains without dropout (neither LoRA's nor the head's)

@@ -47,7 +47,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlora import _memory, _paths
 from jaxlora._config import LoraConfig
-from jaxlora._delta import is_node
 from jaxlora._engine import FallbackWarning
 from jaxlora._split import split
 from jaxlora.sharding import adapter_shardings
@@ -336,7 +335,7 @@ def plan(
         shardings = jax.tree.map(lambda x: x.sharding, params)
         delta = _with_shardings(delta, adapter_shardings(shardings, delta))
     total = _size_of(params)
-    adapters = sum(int(np.prod(x.shape)) for n in _nodes(delta) for x in (n.a, n.b))
+    adapters = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(delta))  # all trainable
     lora_total = _size_of(base) + adapters
 
     def column(
@@ -570,10 +569,6 @@ def _noting_fallbacks(step: Callable[[], Any]) -> tuple[Any, tuple[str, ...]]:
     for use, paths in merged.items():
         notes.append(f"merged at one use ({use}): {', '.join(dict.fromkeys(paths))}")
     return result, tuple(dict.fromkeys(notes))
-
-
-def _nodes(delta: Any) -> list[Any]:
-    return [n for n in jax.tree.leaves(delta, is_leaf=is_node) if is_node(n)]
 
 
 def _size_of(tree: Any) -> int:

@@ -79,7 +79,7 @@ def _trained():
 
 
 def _nodes(delta):
-    return [n for n in jax.tree.leaves(delta, is_leaf=jaxlora._delta.is_node) if n is not None]
+    return [n for n in jax.tree.leaves(delta, is_leaf=jaxlora._node.is_node) if n is not None]
 
 
 def _alive(delta):
@@ -174,7 +174,7 @@ def test_masked_triplets_contribute_exactly_zero(key):
         q = jnp.where(dead[..., :, None], noise(node.q.shape, 2 * i + 1), node.q)
         return dataclasses.replace(node, p=p, q=q)
 
-    leaves, treedef = jax.tree.flatten(delta, is_leaf=jaxlora._delta.is_node)
+    leaves, treedef = jax.tree.flatten(delta, is_leaf=jaxlora._node.is_node)
     spoiled = treedef.unflatten([garbage(n, i) for i, n in enumerate(leaves)])
     f = jax.jit(jaxlora.lora_apply(_apply))
     np.testing.assert_array_equal(f(base, spoiled, x), f(base, delta, x))
@@ -231,7 +231,7 @@ def test_orthogonality_loss_matches_numpy(key):
 def test_orthogonality_loss_is_zero_with_finite_gradient_when_orthonormal(key):
     q, _ = jnp.linalg.qr(normal(6, 6))
     layout = jaxlora._paths.Layout((), (6,), (6,))
-    node = AdaLoraNode(q[:, :3], jnp.ones(3), q[:, :3].T, jnp.float32(1.0), layout=layout)
+    node = AdaLoraNode(q[:, :3], jnp.ones(3), q[:, :3].T, scale=1.0, layout=layout)
     value, grad = jax.value_and_grad(orthogonality_loss)({"w": node})
     assert float(value) < 1e-5
     chex.assert_tree_all_finite(grad)

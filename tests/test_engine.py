@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxlora
-from tests.helpers import dense_merge, is_node, randomize_b
+from tests.helpers import dense_merge, randomize_b
 
 RTOL = 1e-5
 
@@ -89,7 +89,9 @@ def test_no_merged_weight_in_the_program(key):
     )
     weight_shapes = {(8, 16), (16, 6)}
     made = [
-        tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars
+        tuple(v.aval.shape)
+        for eqn in jaxpr.jaxpr.eqns
+        for v in eqn.outvars
         if eqn.primitive.name in ("add", "dot_general")
     ]
     assert not weight_shapes & set(made)
@@ -133,8 +135,9 @@ def test_dense_general_attention(key):
 def test_einsum(key, spec, w_shape, x_shape, input_axes, stacked_axes):
     params = {"w": jax.random.normal(key, w_shape)}
     x = jax.random.normal(jax.random.key(2), x_shape)
-    config = jaxlora.LoraConfig(rank=2, targets="w", input_axes=input_axes,
-                                stacked_axes=stacked_axes)
+    config = jaxlora.LoraConfig(
+        rank=2, targets="w", input_axes=input_axes, stacked_axes=stacked_axes
+    )
     fn = lambda p, x: jnp.einsum(spec, x, p["w"])
     assert_use_site_equals_merge(fn, params, config, x)
 
@@ -201,8 +204,9 @@ def test_stacked_weight_read_as_unstacked_falls_back_with_a_warning(key):
     apply = lambda p, x: Stack(False).apply({"params": p}, x)
     with pytest.warns(jaxlora.FallbackWarning, match="layers/proj/kernel"):
         out = jaxlora.lora_apply(apply)(base, delta, x)
-    np.testing.assert_allclose(out, jaxlora.lora_apply(apply, strategy="merge")(base, delta, x),
-                               rtol=RTOL)
+    np.testing.assert_allclose(
+        out, jaxlora.lora_apply(apply, strategy="merge")(base, delta, x), rtol=RTOL
+    )
 
 
 # ---------------------------------------------------------------- nnx
@@ -261,8 +265,9 @@ def test_plain_function_with_while_loop(key):
     assert "while" in prims
     # forward-mode derivatives go through the loop
     tangent = jax.tree.map(jnp.ones_like, delta)
-    jvp = lambda s: jax.jvp(lambda d: jaxlora.lora_apply(_while_fn, strategy=s)(base, d, x),
-                            (delta,), (tangent,))
+    jvp = lambda s: jax.jvp(
+        lambda d: jaxlora.lora_apply(_while_fn, strategy=s)(base, d, x), (delta,), (tangent,)
+    )
     chex.assert_trees_all_close(jvp("use-site"), jvp("merge"), rtol=1e-4, atol=1e-5)
 
 
@@ -294,8 +299,7 @@ def test_vmap_over_the_wrapped_function(key):
     xs = jax.random.normal(key, (7, 3, 5))
     f = jaxlora.lora_apply(lambda p, x: x @ p["w"])
     out = jax.vmap(f, in_axes=(None, None, 0))(base, delta, xs)
-    np.testing.assert_allclose(out, xs @ dense_merge(params["w"], delta["w"]), rtol=RTOL,
-                               atol=1e-5)
+    np.testing.assert_allclose(out, xs @ dense_merge(params["w"], delta["w"]), rtol=RTOL, atol=1e-5)
 
 
 # ---------------------------------------------------------------- property test
@@ -318,15 +322,19 @@ def test_random_dot_general_dimension_numbers(data):
     w_logical = batch + ins + outs
     w_perm = data.draw(st.permutations(range(len(w_logical))))
     # x axes: batch + contracted (the inputs) + free, in a random order
-    x_logical = [("b", i) for i in range(n_batch)] + [("c", i) for i in range(n_in)] + [
-        ("f", i) for i in range(n_xfree)
-    ]
+    x_logical = (
+        [("b", i) for i in range(n_batch)]
+        + [("c", i) for i in range(n_in)]
+        + [("f", i) for i in range(n_xfree)]
+    )
     x_perm = data.draw(st.permutations(range(len(x_logical))))
     x_axes = [x_logical[i] for i in x_perm]
     x_shape = [{"b": batch, "c": ins, "f": xfree}[g][i] for g, i in x_axes]
-    w_roles = [("b", i) for i in range(n_batch)] + [("c", i) for i in range(n_in)] + [
-        ("o", i) for i in range(n_out)
-    ]
+    w_roles = (
+        [("b", i) for i in range(n_batch)]
+        + [("c", i) for i in range(n_in)]
+        + [("o", i) for i in range(n_out)]
+    )
     seed = data.draw(st.integers(0, 1000))
     weight_is_lhs = data.draw(st.booleans())
     rank = data.draw(st.integers(1, 3))
@@ -365,8 +373,9 @@ def test_fallback_warns_once_per_primitive_and_path_and_strict_raises(key):
         f(base, delta, x)
     messages = [str(w.message) for w in caught if issubclass(w.category, jaxlora.FallbackWarning)]
     assert len(messages) == 1 and "'w'" in messages[0] and "integer_pow" in messages[0]
-    np.testing.assert_allclose(out, jaxlora.lora_apply(fn, strategy="merge")(base, delta, x),
-                               rtol=RTOL)
+    np.testing.assert_allclose(
+        out, jaxlora.lora_apply(fn, strategy="merge")(base, delta, x), rtol=RTOL
+    )
     with pytest.raises(jaxlora.FallbackError, match=r"`integer_pow` uses the adapted weight 'w'"):
         jaxlora.lora_apply(fn, strict=True)(base, delta, x)
 
@@ -374,8 +383,9 @@ def test_fallback_warns_once_per_primitive_and_path_and_strict_raises(key):
 def test_bad_strategy_and_dropout_with_merge(key):
     with pytest.raises(ValueError, match="strategy must be one of"):
         jaxlora.lora_apply(lambda p: p, strategy="fast")
-    base, delta = jaxlora.split({"w": jnp.ones((3, 3))}, jaxlora.LoraConfig(rank=1, targets="w"),
-                                key=key)
+    base, delta = jaxlora.split(
+        {"w": jnp.ones((3, 3))}, jaxlora.LoraConfig(rank=1, targets="w"), key=key
+    )
     with pytest.raises(ValueError, match="dropout needs the use-site strategy"):
         jaxlora.lora_apply(lambda p: p["w"], strategy="merge")(base, delta, dropout_key=key)
 
@@ -402,8 +412,9 @@ def test_dropout_matches_a_hand_written_reference(key):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out, f(base, delta, x, dropout_key=dropout_key))
     assert not np.allclose(out, f(base, delta, x, dropout_key=jax.random.key(43)))
-    np.testing.assert_allclose(f(base, delta, x), x @ dense_merge(params["w"], node), rtol=1e-5,
-                               atol=1e-5)  # no key, no dropout
+    np.testing.assert_allclose(
+        f(base, delta, x), x @ dense_merge(params["w"], node), rtol=1e-5, atol=1e-5
+    )  # no key, no dropout
 
 
 def test_dropout_differs_per_scanned_layer(key):
@@ -429,6 +440,6 @@ def test_new_delta_values_do_not_recompile(key):
     f(base, delta, x)
     for i in range(3):
         other = randomize_b(delta, jax.random.key(i))
-        other = jax.tree.map(lambda a: a * (i + 2), other)  # other scales too
+        other = jax.tree.map(lambda a, i=i: a * (i + 2), other)  # other values, same structure
         f(base, other, x)
     assert f._cache_size() == 1

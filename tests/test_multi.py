@@ -141,7 +141,7 @@ def test_combine_linear_has_cross_terms(three):
     combined = jaxlora.combine_adapters(deltas, weights, method="linear")
     got = np.asarray(jaxlora.merge(base, combined)["w"], np.float64) - np.asarray(params["w"])
     # its own formula: (Σ sqrt(c_i) a_i)(Σ sqrt(c_i) b_i) with ranks padded
-    padded = [jaxlora.pad_rank(d, 3)["w"] for d in deltas]
+    padded = [jaxlora.pad_rank(d, 3, fold_scale=False)["w"] for d in deltas]
     c = [w * float(n.scale) for w, n in zip(weights, padded, strict=True)]
     a = sum(np.sqrt(ci) * np.asarray(n.a, np.float64) for ci, n in zip(c, padded, strict=True))
     b = sum(np.sqrt(ci) * np.asarray(n.b, np.float64) for ci, n in zip(c, padded, strict=True))

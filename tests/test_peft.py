@@ -8,12 +8,10 @@ peft; the format and error tests below them need none of these.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import re
-import warnings
 
 import chex
 import jax
@@ -25,17 +23,14 @@ import safetensors.numpy
 import jaxlora
 from jaxlora.io import peft
 from jaxlora.io.peft import BERT_KEY_MAP, LLAMA_KEY_MAP, KeyMap
-from jaxlora.models import bert
+from jaxlora.io.peft._format import pattern_value
 from jaxlora.models.llama import Llama, LlamaConfig
+from tests.peft_fixtures import assert_adapted, peft_warnings
 
 # Non-square on purpose: k/v project 64 -> 32 (GQA) and the MLP 64 <-> 128, so a swapped or
 # untransposed lora_A/lora_B cannot pass.
 LLAMA = LlamaConfig.tiny()
 LLAMA_SCANNED = dataclasses.replace(LLAMA, scan_layers=True)
-BERT = bert.BertConfig(
-    vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position=16
-)
-RTOL, ATOL = 1e-4, 1e-5
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -66,13 +61,9 @@ def random_delta(params, config, seed, std=0.1):
     def fill(path, node):
         if node is None:
             return None
-        path = "/".join(str(getattr(k, "key", k)) for k in path)
         a = np.asarray(rng.standard_normal(node.a.shape) * std, node.a.dtype)
         b = np.asarray(rng.standard_normal(node.b.shape) * std, node.b.dtype)
-        scale = np.float32(config.scale_for(path))
-        return dataclasses.replace(
-            node, a=jax.device_put(a), b=jax.device_put(b), scale=jax.device_put(scale)
-        )
+        return dataclasses.replace(node, a=jax.device_put(a), b=jax.device_put(b))
 
     return jax.tree_util.tree_map_with_path(fill, shapes, is_leaf=lambda x: x is None or is_node(x))
 
@@ -125,7 +116,7 @@ SCANNED_AXES = {r"^layers/": 1}
 def exported(tmp_path, params, config, key_map=LLAMA_KEY_MAP, seed=0, name="adapter"):
     delta = random_delta(params, config, seed)
     directory = tmp_path / name
-    peft.export(directory, delta, config, key_map=key_map)
+    peft.save_peft(directory, delta, config=config, key_map=key_map)
     return delta, directory
 
 
@@ -161,7 +152,7 @@ def test_export_load_round_trip(tmp_path, scanned, rslora, dtype):
         dtype=dtype,
     )
     delta, directory = exported(tmp_path, params, config)
-    loaded, loaded_config = peft.load(directory, params, key_map=LLAMA_KEY_MAP)
+    loaded, loaded_config = peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP)
     assert_same_delta(loaded, delta)
     for path, node in nodes(loaded).items():
         assert np.float32(loaded_config.scale_for(path)) == node.scale
@@ -173,7 +164,7 @@ def test_export_load_round_trip(tmp_path, scanned, rslora, dtype):
     adapted = {p for p, leaf in jaxlora._paths.leaves_with_paths(params) if matches(p, leaf)}
     assert adapted == set(nodes(delta))
     # And a second export writes the same files.
-    peft.export(tmp_path / "again", loaded, loaded_config, key_map=LLAMA_KEY_MAP)
+    peft.save_peft(tmp_path / "again", loaded, config=loaded_config, key_map=LLAMA_KEY_MAP)
     first = safetensors.numpy.load_file(directory / peft.WEIGHTS_NAME)
     second = safetensors.numpy.load_file(tmp_path / "again" / peft.WEIGHTS_NAME)
     chex.assert_trees_all_equal(first, second)
@@ -225,8 +216,8 @@ def test_export_config_covers_every_tensor(tmp_path):
     # every module its adapter's rank and scale.
     for module, (path, _) in module_names(delta, LLAMA_KEY_MAP).items():
         node = nodes(delta)[path]
-        r = peft._pattern_value(written["rank_pattern"], module, written["r"])
-        alpha = peft._pattern_value(written["alpha_pattern"], module, written["lora_alpha"])
+        r = pattern_value(written["rank_pattern"], module, written["r"])
+        alpha = pattern_value(written["alpha_pattern"], module, written["lora_alpha"])
         assert r == node.rank
         assert np.float32(alpha / r) == node.scale
     assert written["r"] == 4 and written["lora_alpha"] == 8
@@ -239,11 +230,13 @@ def test_export_derives_alpha_from_scale(tmp_path):
     config = jaxlora.LoraConfig(rank=3, alpha=5, targets="q_proj", rslora=True)
     delta = random_delta(params, config, 0)
     node = delta["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    odd = dataclasses.replace(node, scale=jnp.float32(0.123456))
+    odd = dataclasses.replace(node, scale=0.123456)
     delta["layers_0"]["self_attn"]["q_proj"]["kernel"] = odd
-    peft.export(tmp_path, delta, config, key_map=LLAMA_KEY_MAP)
-    loaded, _ = peft.load(tmp_path, params, key_map=LLAMA_KEY_MAP)
-    assert loaded["layers_0"]["self_attn"]["q_proj"]["kernel"].scale == jnp.float32(0.123456)
+    peft.save_peft(tmp_path, delta, config=config, key_map=LLAMA_KEY_MAP)
+    loaded, _ = peft.load_peft(tmp_path, base=params, key_map=LLAMA_KEY_MAP)
+    assert np.float32(loaded["layers_0"]["self_attn"]["q_proj"]["kernel"].scale) == np.float32(
+        0.123456
+    )
     assert loaded["layers_1"]["self_attn"]["q_proj"]["kernel"].scale == node.scale
 
 
@@ -265,7 +258,9 @@ def test_multi_axis_kernels_flatten_row_major(tmp_path):
         flat = np.asarray(node.delta_weight()).reshape(n_in, n_out)
         np.testing.assert_allclose(float(node.scale) * (b @ a).T, flat, rtol=1e-5, atol=1e-6)
     # Without a config, load reads the input axes from lora_A's width.
-    loaded, loaded_config = peft.load(directory, params, key_map=lambda p: p.split("/")[0])
+    loaded, loaded_config = peft.load_peft(
+        directory, base=params, key_map=lambda p: p.split("/")[0]
+    )
     assert_same_delta(loaded, delta)
     assert loaded_config.layout_for("o/kernel", (2, 3, 8)).inputs == (2, 3)
 
@@ -279,27 +274,33 @@ def test_export_errors(tmp_path):
     delta = random_delta(params, config, 0)
     no_head = lambda p: None if p.startswith("lm_head") else LLAMA_KEY_MAP(p)
     with pytest.raises(ValueError, match=r"key_map\('lm_head/kernel'\) returned None"):
-        peft.export(tmp_path, delta, config, key_map=no_head)
+        peft.save_peft(tmp_path, delta, config=config, key_map=no_head)
     with pytest.raises(ValueError, match=r"maps both .* to the PEFT module 'same'"):
-        peft.export(tmp_path, delta, config, key_map=lambda p: "same")
+        peft.save_peft(tmp_path, delta, config=config, key_map=lambda p: "same")
     with pytest.raises(ValueError, match=r"starts with PEFT's own prefix"):
-        peft.export(tmp_path, delta, config, key_map=LLAMA_KEY_MAP.prefixed("base_model.model."))
+        peft.save_peft(
+            tmp_path, delta, config=config, key_map=LLAMA_KEY_MAP.prefixed("base_model.model.")
+        )
     names = {"layers_0": "lm_head", "layers_1": "model.layers.1.q", "lm_head": "model.lm_head"}
     with pytest.raises(ValueError, match=r"'lm_head' and 'model.lm_head' end alike"):
-        peft.export(tmp_path, delta, config, key_map=lambda p: names[p.split("/")[0]])
+        peft.save_peft(tmp_path, delta, config=config, key_map=lambda p: names[p.split("/")[0]])
     with pytest.raises(ValueError, match=r"not a PyTorch module name"):
-        peft.export(tmp_path, delta, config, key_map=lambda p: p.replace("/", ". "))
+        peft.save_peft(tmp_path, delta, config=config, key_map=lambda p: p.replace("/", ". "))
     with pytest.raises(TypeError, match=r"key_map must be"):
-        peft.export(tmp_path, delta, config, key_map="model")
+        peft.save_peft(tmp_path, delta, config=config, key_map="model")
     with pytest.raises(TypeError, match=r"config must be a jaxlora.LoraConfig"):
-        peft.export(tmp_path, delta, {"r": 2}, key_map=LLAMA_KEY_MAP)
+        peft.save_peft(tmp_path, delta, config={"r": 2}, key_map=LLAMA_KEY_MAP)
     with pytest.raises(ValueError, match=r"holds no adapter"):
-        peft.export(tmp_path, jax.tree.map(lambda _: None, params), config, key_map=LLAMA_KEY_MAP)
+        peft.save_peft(
+            tmp_path, jax.tree.map(lambda _: None, params), config=config, key_map=LLAMA_KEY_MAP
+        )
     scanned = llama_like(scanned=True)
     stacked_config = jaxlora.LoraConfig(rank=2, targets="q_proj", stacked_axes=SCANNED_AXES)
     stacked = random_delta(scanned, stacked_config, 0)
     with pytest.raises(ValueError, match=r"0 '\{\}' fields, but the adapter .* has 1 stacked"):
-        peft.export(tmp_path, stacked, stacked_config, key_map=lambda p: p.replace("/", "_"))
+        peft.save_peft(
+            tmp_path, stacked, config=stacked_config, key_map=lambda p: p.replace("/", "_")
+        )
     assert not (tmp_path / peft.CONFIG_NAME).exists()  # nothing written on error
 
 
@@ -332,13 +333,13 @@ def test_load_unknown_module(llama_file):
     params, directory = llama_file
     one_layer = {k: v for k, v in params.items() if k != "layers_1"}
     with pytest.raises(ValueError, match=r"'base_model\.model\.model\.layers\.1\..*' adapts the"):
-        peft.load(directory, one_layer, key_map=LLAMA_KEY_MAP)
+        peft.load_peft(directory, base=one_layer, key_map=LLAMA_KEY_MAP)
 
 
 def test_load_prefix_hints(llama_file):
     params, directory = llama_file
     with pytest.raises(ValueError, match=r"the key map adds 'extra\.', which the file lacks"):
-        peft.load(directory, params, key_map=LLAMA_KEY_MAP.prefixed("extra."))
+        peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP.prefixed("extra."))
     wrap = lambda name: name.replace("base_model.model.", "base_model.model.wrap.")
     edit(
         directory,
@@ -346,8 +347,8 @@ def test_load_prefix_hints(llama_file):
         settings=lambda s: s.update(target_modules=["wrap." + m for m in s["target_modules"]]),
     )
     with pytest.raises(ValueError, match=r"use key_map\.prefixed\('wrap\.'\)"):
-        peft.load(directory, params, key_map=LLAMA_KEY_MAP)
-    loaded, _ = peft.load(directory, params, key_map=LLAMA_KEY_MAP.prefixed("wrap."))
+        peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP)
+    loaded, _ = peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP.prefixed("wrap."))
     assert len(nodes(loaded)) == 4
 
 
@@ -357,20 +358,21 @@ def test_load_shape_mismatch(llama_file):
     with pytest.raises(
         ValueError,
         match=r"'base_model\.model\.model\.layers\.\d\.mlp\.up_proj\.lora_A\.weight' and its "
-        r"lora_B hold a \(8 -> 12\) adapter .* but 'layers_\d/mlp/up_proj/kernel' has shape "
-        r"\(8, 16\)",
+        r"module's other tensors hold a \(8 -> 12\) adapter, but "
+        r"'layers_\d/mlp/up_proj/kernel' has shape \(8, 16\)",
     ):
-        peft.load(directory, wider, key_map=LLAMA_KEY_MAP)
+        peft.load_peft(directory, base=wider, key_map=LLAMA_KEY_MAP)
 
 
-def test_load_dora(llama_file):
+def test_load_dora_magnitudes_must_match_the_method(llama_file):
     params, directory = llama_file
     edit(directory, tensors=lambda t: t.update({f"{Q0}.lora_magnitude_vector": np.ones(8)}))
-    with pytest.raises(NotImplementedError, match=r"DoRA .* not implemented in jaxlora"):
-        peft.load(directory, params, key_map=LLAMA_KEY_MAP)
+    # a plain LoRA file with a magnitude: reading it as LoRA would drop DoRA's m
+    with pytest.raises(ValueError, match=r"lora_magnitude_vector', which is no LoRA tensor"):
+        peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP)
     edit(directory, settings=lambda s: s.update(use_dora=True))
-    with pytest.raises(NotImplementedError, match=r"DoRA adapter \(use_dora=true"):
-        peft.load(directory, params, key_map=LLAMA_KEY_MAP)
+    with pytest.raises(ValueError, match=r"has no lora_magnitude_vector .* DoRA adapter"):
+        peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP)
 
 
 @pytest.mark.parametrize(
@@ -429,12 +431,12 @@ def test_load_rejects(llama_file, change, error, match):
     params, directory = llama_file
     edit(directory, **change)
     with pytest.raises(error, match=match):
-        peft.load(directory, params, key_map=LLAMA_KEY_MAP)
+        peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP)
 
 
 def test_load_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json does not exist"):
-        peft.load(tmp_path, llama_like(), key_map=LLAMA_KEY_MAP)
+        peft.load_peft(tmp_path, base=llama_like(), key_map=LLAMA_KEY_MAP)
 
 
 def test_load_stacked_needs_one_rank(tmp_path):
@@ -442,9 +444,9 @@ def test_load_stacked_needs_one_rank(tmp_path):
     config = jaxlora.LoraConfig(rank=2, targets="v_proj", rank_pattern={"layers_1/": 1})
     _, directory = exported(tmp_path, params, config)
     with pytest.raises(ValueError, match=r"the layers of 'layers/self_attn/v_proj/kernel' have"):
-        peft.load(directory, llama_like(scanned=True), key_map=LLAMA_KEY_MAP)
+        peft.load_peft(directory, base=llama_like(scanned=True), key_map=LLAMA_KEY_MAP)
     # Unstacked, the same file loads.
-    _, loaded_config = peft.load(directory, params, key_map=LLAMA_KEY_MAP)
+    _, loaded_config = peft.load_peft(directory, base=params, key_map=LLAMA_KEY_MAP)
     assert loaded_config.rank_for("layers_1/self_attn/v_proj/kernel") == 1
 
 
@@ -453,8 +455,7 @@ def test_load_stacked_fills_missing_layers_with_zeros(tmp_path):
     config = jaxlora.LoraConfig(rank=2, targets=r"layers_[02]/self_attn/q_proj")
     delta, directory = exported(tmp_path, params, config)
     scanned = llama_like(n_layers=3, scanned=True)
-    loaded, loaded_config = peft.load(
-        directory, scanned, key_map=LLAMA_KEY_MAP,
+    loaded, loaded_config = peft.load_peft(directory, base=scanned, key_map=LLAMA_KEY_MAP,
         config=jaxlora.LoraConfig(stacked_axes=SCANNED_AXES, dropout=0.1),
     )  # fmt: skip
     node = loaded["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -463,27 +464,10 @@ def test_load_stacked_fills_missing_layers_with_zeros(tmp_path):
     np.testing.assert_array_equal(node.a[2], delta["layers_2"]["self_attn"]["q_proj"]["kernel"].a)
     assert not np.any(node.a[1]) and not np.any(node.b[1])
     with pytest.raises(ValueError, match=r"config reads .* with 0 stacked axes, but the key map"):
-        peft.load(directory, scanned, key_map=LLAMA_KEY_MAP, config=jaxlora.LoraConfig())
+        peft.load_peft(directory, base=scanned, key_map=LLAMA_KEY_MAP, config=jaxlora.LoraConfig())
 
 
 # --- against PEFT and transformers --------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def peft_warnings():
-    """Warnings stay errors, except transformers' deprecation that PEFT trips over."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        warnings.filterwarnings("ignore", "Setting `save_embedding_layers` to `True`")
-        yield
-
-
-@pytest.fixture(scope="module")
-def torch_libs():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf_peft = pytest.importorskip("peft")
-    return torch, transformers, hf_peft
 
 
 def llama_from_hf(state):
@@ -575,38 +559,6 @@ def llama(torch_libs):
     return model, layouts, fns, tokens, run(model), run
 
 
-@pytest.fixture(scope="module")
-def bert_model(torch_libs):
-    torch, transformers, _ = torch_libs
-    hf_config = transformers.BertConfig(
-        vocab_size=BERT.vocab_size,
-        hidden_size=BERT.hidden_size,
-        num_hidden_layers=BERT.num_layers,
-        num_attention_heads=BERT.num_heads,
-        intermediate_size=BERT.intermediate_size,
-        max_position_embeddings=BERT.max_position,
-        type_vocab_size=BERT.type_vocab_size,
-        layer_norm_eps=BERT.layer_norm_eps,
-        hidden_act="gelu",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    torch.manual_seed(1)
-    model = transformers.BertModel(hf_config, add_pooling_layer=False).eval()
-    params = bert.convert_hf_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, BERT)
-    ids = np.random.default_rng(1).integers(0, BERT.vocab_size, (2, 6))
-    mask = np.array([[1] * 6, [1] * 4 + [0] * 2])
-    encoder = lambda p, i, m: bert.BertModel(BERT).apply({"params": p}, i, m)
-    fn = jax.jit(jaxlora.lora_apply(encoder))
-
-    def run(peft_model):
-        with torch.no_grad():
-            out = peft_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-        return out.last_hidden_state.numpy()[mask.astype(bool)]  # padded rows are arbitrary
-
-    return model, params, lambda p, d: np.asarray(fn(p, d, ids, mask))[mask.astype(bool)], run
-
-
 def check_peft_loaded(torch_libs, peft_model, directory, delta, key_map):
     """Every tensor of the file sits in ``peft_model``, at the scale of its jaxlora adapter."""
     _, _, hf_peft = torch_libs
@@ -624,12 +576,6 @@ def check_peft_loaded(torch_libs, peft_model, directory, delta, key_map):
     assert sorted(layers) == sorted(expected)
     for name, scale in expected.items():
         assert np.float32(layers[name].scaling["default"]) == scale, name
-
-
-def assert_adapted(got, want, base):
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-    # A no-op adapter (a file PEFT loads but ignores) must fail.
-    assert np.max(np.abs(want - base)) > 1e3 * ATOL
 
 
 LLAMA_CASES = {
@@ -719,7 +665,7 @@ def test_llama_import_from_peft(torch_libs, llama, tmp_path):
     want = run(peft_model.eval())
     assert any(k.endswith("embed_tokens.base_layer.weight") for k in
                safetensors.numpy.load_file(tmp_path / peft.WEIGHTS_NAME))  # fmt: skip
-    delta, config = peft.load(tmp_path, layouts["dense"], key_map=LLAMA_KEY_MAP)
+    delta, config = peft.load_peft(tmp_path, base=layouts["dense"], key_map=LLAMA_KEY_MAP)
     assert sorted(nodes(delta)) == sorted(
         ["embed_tokens/embedding"]
         + [f"layers_{i}/{m}/{p}/kernel" for i in range(2) for m, ps in
@@ -729,8 +675,7 @@ def test_llama_import_from_peft(torch_libs, llama, tmp_path):
     assert config.scale_for("layers_0/mlp/down_proj/kernel") == 5 / 4
     assert_adapted(np.asarray(fns["dense"](layouts["dense"], delta, tokens)), want, base_logits)
     # The same file into scanned params: one stacked adapter per projection.
-    stacked, _ = peft.load(
-        tmp_path, layouts["scanned"], key_map=LLAMA_KEY_MAP,
+    stacked, _ = peft.load_peft(tmp_path, base=layouts["scanned"], key_map=LLAMA_KEY_MAP,
         config=jaxlora.LoraConfig(stacked_axes=SCANNED_AXES),
     )  # fmt: skip
     assert stacked["layers"]["self_attn"]["k_proj"]["kernel"].a.shape == (2, LLAMA.d_model, 2)
@@ -753,7 +698,7 @@ def test_bert_import_from_peft(torch_libs, bert_model, tmp_path):
         peft_model = hf_peft.get_peft_model(copy.deepcopy(model), peft_config)
         randomize_peft(torch, peft_model, 1)
         peft_model.save_pretrained(tmp_path)
-    delta, config = peft.load(tmp_path, params, key_map=BERT_KEY_MAP)
+    delta, config = peft.load_peft(tmp_path, base=params, key_map=BERT_KEY_MAP)
     assert len(nodes(delta)) == 2 * 5 and config.rslora
     assert config.scale_for("encoder/layer_1/attention/output/dense/kernel") == 2 / 2.0
     assert_adapted(apply(params, delta), run(peft_model.eval()), run(model))
@@ -770,7 +715,7 @@ def test_key_map_for_wrapped_bert(torch_libs, bert_model, tmp_path):
     with peft_warnings():
         peft_model = hf_peft.PeftModel.from_pretrained(wrapped, directory)
     check_peft_loaded(torch_libs, peft_model, directory, delta, BERT_KEY_MAP.prefixed("bert."))
-    loaded, _ = peft.load(directory, params, key_map=BERT_KEY_MAP.prefixed("bert."))
+    loaded, _ = peft.load_peft(directory, base=params, key_map=BERT_KEY_MAP.prefixed("bert."))
     assert_same_delta(loaded, delta)
 
 
@@ -787,7 +732,7 @@ def test_custom_key_map_function(tmp_path):
         "base_model.model.tok.lora_embedding_A",
         "base_model.model.tok.lora_embedding_B",
     ]
-    loaded, _ = peft.load(directory, params, key_map=key_map)
+    loaded, _ = peft.load_peft(directory, base=params, key_map=key_map)
     assert_same_delta(loaded, delta)
     with pytest.raises(ValueError, match=r"stored as an embedding adapter, but the key map says"):
-        peft.load(directory, params, key_map=lambda p: p.split("/")[0])
+        peft.load_peft(directory, base=params, key_map=lambda p: p.split("/")[0])

@@ -65,7 +65,8 @@ def test_specs_dense_2d(axis_type):
     }
     for spec, (a_spec, b_spec) in cases.items():
         out = adapter_shardings({"w": NamedSharding(mesh, spec)}, {"w": node})["w"]
-        assert (out.a.spec, out.b.spec, out.scale.spec) == (a_spec, b_spec, P()), spec
+        assert (out.a.spec, out.b.spec) == (a_spec, b_spec), spec
+        assert len(jax.tree.leaves(out)) == 2  # one sharding per array; the scale is static
         assert out.a.mesh == mesh and out.layout == layout
 
 
@@ -136,7 +137,7 @@ def test_specs_from_arrays_boxes_and_replicated_shardings():
         got = adapter_shardings({"x": x, "y": object(), "z": single}, delta)
         assert got["x"].a.spec == P("data", None) and got["x"].b.spec == P(None, None)
         assert got["y"] is None
-        assert got["z"].a == got["z"].b == got["z"].scale == single
+        assert got["z"].a == got["z"].b == single
 
 
 def test_shardings_place_a_delta_and_feed_jit():
@@ -180,7 +181,7 @@ def test_errors_name_the_path_and_the_fix():
         adapter_shardings({"w": NamedSharding(mesh, P(None, None, "data"))}, {"w": node})
     with pytest.raises(ValueError, match=r"at 'w'.*3 entries"):
         adapter_shardings({"w": P(None, None, "data")}, {"w": node})
-    with pytest.raises(TypeError, match=r"\['w'\].*expected a jaxlora.LoraNode"):
+    with pytest.raises(TypeError, match=r"\['w'\].*expected an adapter node"):
         adapter_shardings({"w": NamedSharding(mesh, P())}, {"w": jnp.ones(3)})
 
 
@@ -473,4 +474,4 @@ def test_memory_per_device():
 def _abstract_node(layout: Layout, rank: int = 2) -> jaxlora.LoraNode:
     a = jax.ShapeDtypeStruct((*layout.stacked, layout.n_in, rank), jnp.float32)
     b = jax.ShapeDtypeStruct((*layout.stacked, rank, layout.n_out), jnp.float32)
-    return jaxlora.LoraNode(a, b, jax.ShapeDtypeStruct((), jnp.float32), layout=layout)
+    return jaxlora.LoraNode(a, b, scale=1.0, layout=layout)

@@ -27,13 +27,13 @@ def test_shared_projection_is_sized_to_the_largest_target(key):
     params, _, _ = mlp()  # up: (7, 12), down: (12, 5)
     _, delta = jaxlora.split(params, VeraConfig(rank=16, targets="kernel"), key=key)
     up, down = delta["up"]["kernel"], delta["down"]["kernel"]
-    assert up.projection == down.projection == VeraProjection(0, 16, 12, 12)
+    assert up.projection == down.projection == VeraProjection(0, 16, 12, 12, None)
     chex.assert_shape([up.d, up.b, down.d, down.b], [(16,), (12,), (16,), (5,)])
     np.testing.assert_array_equal(up.d, np.float32(0.1))
     np.testing.assert_array_equal(up.b, 0.0)
     # both slice the same matrices: the first 7 rows of down's A are up's A
-    a_up, _, _ = up.factors()
-    a_down, _, _ = down.factors()
+    a_up, _ = up.factors()
+    a_down, _ = down.factors()
     np.testing.assert_allclose(a_up / up.d, (a_down / down.d)[:7], rtol=1e-6)
 
 

@@ -26,8 +26,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxlora._delta import AdapterNode
 from jaxlora._engine._lazy import Lazy, value_of
+from jaxlora._node import AdapterNode
 
 Role = tuple[str, int]  # ("s" | "i" | "o", index within that role's axes)
 
@@ -40,13 +40,13 @@ class Adapted:
     base: Any  # an array, or a Lazy quantized weight
     a: jax.Array | None  # None: a quantized weight without an adapter
     b: jax.Array | None
-    scale: jax.Array | None
+    scale: float = dataclasses.field(metadata=dict(static=True))  # the node's (static) scale
     roles: tuple[Role, ...] = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
-    out_scale: jax.Array | None = None  # (*S, *O): multiplies the adapted weight's outputs
-    # per-example factors (several adapters in one batch): a and b carry a leading axis
-    # that runs along axis 0 of the activations; the scale is folded into a
+    out_scale: jax.Array | None = None  # ([E], *S, *O): multiplies the adapted weight's outputs
+    # per-example factors (several adapters in one batch): a, b and out_scale carry a leading
+    # axis E that runs along axis 0 of the activations; the scale is folded into a
     examples: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
@@ -94,33 +94,40 @@ def from_node(
     """
     layout = node.layout
     examples = adapter_ids is not None
+    base = _lazy_if_quantized(weight)
     if examples:
-        a, b = node.per_example(adapter_ids)  # type: ignore[attr-defined]
-        scale = jnp.float32(1.0)
+        a, b, out_scale = node.per_example(
+            adapter_ids, value_of(base) if _needs_weight(node) else None
+        )
+        scale = 1.0
     else:
-        a, b, scale = node.factors()
+        a, b = node.factors()
+        scale = float(node.scale)
+        out_scale = node.output_scale(value_of(base)) if _needs_weight(node) else None
     rank = a.shape[-1]
-    out_scale = None
-    if type(node).output_scale is not AdapterNode.output_scale:  # DoRA and the like
-        out_scale = node.output_scale(value_of(_lazy_if_quantized(weight)))
+    lead = a.shape[:1] if examples else ()
     if out_scale is not None:
-        out_scale = out_scale.reshape(*layout.stacked, *layout.outputs)
+        out_scale = out_scale.reshape(*lead, *layout.stacked, *layout.outputs)
     ns, ni = len(layout.stacked), len(layout.inputs)
     roles = (
         [("s", k) for k in range(ns)]
         + [("i", k) for k in range(ni)]
         + [("o", k) for k in range(len(layout.outputs))]
     )
-    lead = a.shape[:1] if examples else ()
     a = a.reshape(*lead, *layout.stacked, *layout.inputs, rank)
     b = b.reshape(*lead, *layout.stacked, rank, *layout.outputs)
-    base = _lazy_if_quantized(weight)
     return Adapted(base, a, b, scale, tuple(roles), path, node.dropout, out_scale, examples)
+
+
+def _needs_weight(node: AdapterNode) -> bool:
+    """Whether the node multiplies its outputs by something computed from the weight (DoRA)."""
+    inner = getattr(node, "inner", node)  # a stacked node's adapters
+    return type(inner).output_scale is not AdapterNode.output_scale
 
 
 def from_quantized(weight: Any, path: str) -> Adapted:
     """A quantized base weight without an adapter: only dequantized at its uses."""
-    return Adapted(Lazy.of(weight), None, None, None, (), path)
+    return Adapted(Lazy.of(weight), None, None, 1.0, (), path)
 
 
 def _lazy_if_quantized(weight: Any) -> Any:
@@ -137,9 +144,9 @@ def letters_for(n: int, *, skip: str = "") -> list[str]:
     return pool[:n]
 
 
-def frozen_scale(v: Adapted) -> jax.Array:
-    """The scale, with its gradient stopped: scales are not trained."""
-    return jax.lax.stop_gradient(v.scale)
+def scaled(v: Adapted, x: jax.Array) -> jax.Array:
+    """``x`` times the view's (static) scale, in ``x``'s dtype; no op for scale 1."""
+    return x if v.scale == 1.0 else x * jnp.asarray(v.scale, x.dtype)
 
 
 def materialize(v: Adapted) -> jax.Array:
@@ -157,7 +164,7 @@ def materialize(v: Adapted) -> jax.Array:
         v.b.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
-    delta = frozen_scale(v).astype(jnp.float32) * delta
+    delta = scaled(v, delta)
     merged = base.astype(jnp.float32) + delta
     if v.out_scale is not None:
         view = "".join(letters[role] for role in v.roles)
@@ -165,18 +172,23 @@ def materialize(v: Adapted) -> jax.Array:
     return merged.astype(base.dtype)
 
 
-def broadcast_out_scale(v: Adapted, v_letters: str, out_letters: str) -> jax.Array | None:
+def broadcast_out_scale(
+    v: Adapted, v_letters: str, out_letters: str, example: str = ""
+) -> jax.Array | None:
     """``v.out_scale`` laid out for an output with einsum subscripts ``out_letters``.
 
-    ``v_letters`` name the view's axes. ``None`` when an output axis of the
-    weight does not reach the output (it is contracted).
+    ``v_letters`` name the view's axes and ``example`` the activations' example
+    axis (per-example adapters). ``None`` when an output axis of the weight
+    does not reach the output (it is contracted).
     """
     assert v.out_scale is not None
     letters = dict(zip(v.roles, v_letters, strict=True))
-    ns = v.n_stacked
-    n_out = v.out_scale.ndim - ns
-    so = "".join(letters[("s", k)] for k in range(ns)) + "".join(
-        letters[("o", k)] for k in range(n_out)
+    ns, e = v.n_stacked, v.n_examples_axes
+    n_out = v.out_scale.ndim - ns - e
+    so = (
+        (example if e else "")
+        + "".join(letters[("s", k)] for k in range(ns))
+        + "".join(letters[("o", k)] for k in range(n_out))
     )
     if any(c not in out_letters for c in so):
         return None
@@ -250,7 +262,7 @@ def reshape(v: Adapted, base: Any, new_shape: tuple[int, ...]) -> Adapted | None
     b = v.b.reshape(*lead, *new_sizes_of["s"], rank, *new_sizes_of["o"])
     out_scale = v.out_scale
     if out_scale is not None:
-        out_scale = out_scale.reshape(*new_sizes_of["s"], *new_sizes_of["o"])
+        out_scale = out_scale.reshape(*lead, *new_sizes_of["s"], *new_sizes_of["o"])
     return dataclasses.replace(v, base=base, a=a, b=b, roles=tuple(roles), out_scale=out_scale)
 
 

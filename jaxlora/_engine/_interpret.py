@@ -269,7 +269,8 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     if not isinstance(v, Adapted):
         return v
     if v.out_scale is not None and v.has_factors and v.roles[0][0] == "s":
-        v = dataclasses.replace(v, out_scale=jnp.moveaxis(v.out_scale, v.roles[0][1], 0))
+        axis = v.n_examples_axes + v.roles[0][1]
+        v = dataclasses.replace(v, out_scale=jnp.moveaxis(v.out_scale, axis, 0))
     base = v.base
     if isinstance(base, Lazy):
         base = base.per_layer(length)
@@ -283,8 +284,7 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     a = jnp.moveaxis(v.a, v.n_examples_axes + k, 0)
     b = jnp.moveaxis(v.b, v.n_examples_axes + k, 0)
     roles = tuple((g, j - (g == "s" and j > k)) for g, j in v.roles[1:])
-    scale = jnp.broadcast_to(v.scale, (length,))
-    return dataclasses.replace(v, base=base, a=a, b=b, scale=scale, roles=roles)
+    return dataclasses.replace(v, base=base, a=a, b=b, roles=roles)
 
 
 def _while(eqn: Any, invals: list, ctx: Context) -> list | None:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxlora._engine._adapted import Adapted, broadcast_out_scale, frozen_scale, letters_for
+from jaxlora._engine._adapted import Adapted, broadcast_out_scale, letters_for, scaled
 
 
 def _low_rank_einsum(
@@ -53,7 +53,7 @@ def _low_rank_einsum(
     t = jnp.einsum(f"{x_letters},{first[1]}->{mid}", x.astype(dtype), first[0].astype(dtype))
     # the scale goes on the rank-sized intermediate: no pass over the activation-sized output,
     # and no scaled copy of a factor for the backward pass to keep
-    t = frozen_scale(v).astype(dtype) * t
+    t = scaled(v, t)
     return jnp.einsum(
         f"{mid},{second[1]}->{out_letters}",
         t,
@@ -97,7 +97,7 @@ def dot_general(
     term = _low_rank_einsum(x, "".join(xl), v, "".join(vl), out)
     if v.out_scale is None:
         return term, None
-    return term, broadcast_out_scale(v, "".join(vl), out)
+    return term, broadcast_out_scale(v, "".join(vl), out, example=xl[0])
 
 
 def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
@@ -160,7 +160,7 @@ def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
         out_l.append(next(it_k) if p in dnums.offset_dims else next(it_b))
     dtype = jnp.promote_types(rows.dtype, v.b.dtype)
     term = jnp.einsum(f"{rows_l},{sb}->{''.join(out_l)}", rows.astype(dtype), v.b.astype(dtype))
-    return frozen_scale(v).astype(term.dtype) * term
+    return scaled(v, term)
 
 
 def conv(x: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
@@ -195,4 +195,4 @@ def conv(x: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     feature = dnums.out_spec[1]
     hidden = jnp.moveaxis(hidden, feature, -1)
     term = jnp.moveaxis(hidden @ v.b.astype(dtype), -1, feature)
-    return frozen_scale(v).astype(term.dtype) * term
+    return scaled(v, term)

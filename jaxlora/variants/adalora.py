@@ -40,16 +40,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlora._delta import AdapterNode, LoraNode, is_node
+from jaxlora._config import check_node_matches, register_config
+from jaxlora._delta import LoraNode
+from jaxlora._node import AdapterNode, is_node
 from jaxlora._paths import Layout
+from jaxlora.io.peft._adalora import AdaLoraCodec
+from jaxlora.io.peft._format import register_codec
 from jaxlora.variants._common import (
     TargetsConfig,
     check_int,
@@ -71,7 +75,7 @@ _INIT_STD = 0.02
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class AdaLoraNode(AdapterNode):
+class AdaLoraNode(AdapterNode, kind="adalora"):
     """The SVD-form adapter of one weight: ``W' = W + s · (P · diag(E)) @ Q``.
 
     Attributes:
@@ -79,7 +83,7 @@ class AdaLoraNode(AdapterNode):
         e: ``(*stacked, r)``, trainable singular values (PEFT's ``lora_E``); zero
             entries are pruned triplets.
         q: ``(*stacked, r, n_out)``, trainable (PEFT's ``lora_B``, transposed).
-        scale: a float32 scalar array ``alpha / init_rank``, frozen.
+        scale: ``alpha / init_rank``, a static float.
         layout: how the base weight's axes read (static).
         dropout: the dropout rate on the adapter branch's input (static).
 
@@ -97,27 +101,46 @@ class AdaLoraNode(AdapterNode):
         Fine-Tuning", https://arxiv.org/abs/2303.10512.
     """
 
+    axes: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "p": ("in", "rank"),
+        "e": ("rank",),
+        "q": ("rank", "out"),
+    }
+    output_factor: ClassVar[str] = "q"
+
     p: jax.Array
     e: jax.Array
     q: jax.Array
-    scale: jax.Array
-    layout: Layout = dataclasses.field(metadata=dict(static=True))
-    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    scale: float = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    layout: Layout = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, kw_only=True, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
         """The initial rank ``r`` (the number of triplets, pruned or not)."""
         return self.e.shape[-1]
 
-    def factors(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(P · E, Q, scale)``."""
-        return self.p * self.e[..., None, :], self.q, self.scale
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        """``(P · E, Q)``."""
+        return self.p * self.e[..., None, :], self.q
 
-    def trainable_mask(self) -> AdaLoraNode:
-        """``True`` on ``p``, ``e`` and ``q``; ``False`` on ``scale``."""
-        return dataclasses.replace(self, p=True, e=True, q=True, scale=False)  # type: ignore[arg-type]
+    def fold_scale(self) -> AdaLoraNode:
+        """The same adapter with scale 1 (``Q`` becomes ``scale · Q``)."""
+        if self.scale == 1.0:
+            return self
+        q = (jnp.float32(self.scale) * self.q.astype(jnp.float32)).astype(self.q.dtype)
+        return dataclasses.replace(self, q=q, scale=1.0)
+
+    def pad_rank(self, rank: int) -> AdaLoraNode:
+        """The same adapter with ``rank`` triplets: the new ones are pruned (``E = 0``)."""
+        extra = rank - self.rank
+        p = jnp.pad(self.p, [(0, 0)] * (self.p.ndim - 1) + [(0, extra)])
+        e = jnp.pad(self.e, [(0, 0)] * (self.e.ndim - 1) + [(0, extra)])
+        q = jnp.pad(self.q, [(0, 0)] * (self.q.ndim - 2) + [(0, extra), (0, 0)])
+        return dataclasses.replace(self, p=p, e=e, q=q)
 
 
+@register_config("adalora")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdaLoraConfig(TargetsConfig):
     """A frozen, validated description of an AdaLoRA adapter and its rank schedule.
@@ -213,6 +236,18 @@ class AdaLoraConfig(TargetsConfig):
         alpha = 2.0 * self.init_rank if self.alpha is None else float(self.alpha)
         return alpha / self.init_rank
 
+    def check_node(self, path: str, node: Any) -> None:
+        """Raises unless ``node`` is the AdaLoRA adapter this config makes at ``path``."""
+        check_node_matches(
+            path,
+            node,
+            kind="adalora",
+            rank=self.init_rank,
+            scale=self.scale,
+            dtype=self.dtype,
+            arrays=("p", "e", "q"),
+        )
+
     def schedule(self, step: int, *, n_matrices: int) -> tuple[int, bool]:
         """``(budget, allocate)`` at optimizer step ``step`` (PEFT's ``budget_schedule``).
 
@@ -248,8 +283,6 @@ class AdaLoraConfig(TargetsConfig):
         del targets
 
         def make(key: jax.Array, path: str, weight: Any) -> tuple[AdaLoraNode, None]:
-            from jaxlora.sharding import place_factors
-
             layout = self.layout_for(path, tuple(weight.shape))
             r = self.init_rank
             if r > min(layout.n_in, layout.n_out):
@@ -261,10 +294,10 @@ class AdaLoraConfig(TargetsConfig):
             key_p, key_q = jax.random.split(key)
             p = _INIT_STD * jax.random.normal(key_p, (*layout.stacked, layout.n_in, r))
             q = _INIT_STD * jax.random.normal(key_q, (*layout.stacked, r, layout.n_out))
-            p, q = place_factors(weight, layout, p.astype(self.dtype), q.astype(self.dtype))
+            p, q = p.astype(self.dtype), q.astype(self.dtype)
             e = jnp.zeros((*layout.stacked, r), self.dtype)
             node = AdaLoraNode(
-                p, e, q, jnp.float32(self.scale), layout=layout, dropout=float(self.dropout)
+                p, e, q, scale=float(self.scale), layout=layout, dropout=float(self.dropout)
             )
             return node, None
 
@@ -531,7 +564,7 @@ def to_lora(delta: Any) -> Any:
         order = jnp.asarray(np.argsort(~kept, axis=-1, kind="stable")[..., :k])
         a = jnp.take_along_axis(node.p * node.e[..., None, :], order[..., None, :], axis=-1)
         b = jnp.take_along_axis(node.q, order[..., :, None], axis=-2)
-        return LoraNode(a, b, node.scale, layout=node.layout, dropout=node.dropout)
+        return LoraNode(a, b, scale=node.scale, layout=node.layout, dropout=node.dropout)
 
     return jax.tree.map(one, delta, is_leaf=is_node)
 
@@ -577,3 +610,6 @@ def _frobenius(x: jax.Array) -> jax.Array:
     sq = jnp.sum(x * x, axis=(-2, -1))
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+register_codec("adalora", AdaLoraCodec())  # PEFT's AdaLoRA files

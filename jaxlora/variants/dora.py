@@ -18,8 +18,9 @@ which costs one ``aᵀW`` product and keeps only ``(r, n_out)`` numbers.
 **Unmerging.** ``merge`` leaves ``W'`` alone, and ``W'`` with ``(a, b, m)`` does
 not determine ``W``: every ``W_:j = n·W'_:j/m_j - Δ_:j`` with ``n > 0`` merges
 to the same ``W'``. What pins ``n`` down is the base's column norm
-``||W_:j||``, which :func:`split` stores in the node (``base_norm``, frozen, one
-number per output unit, like ``m``); then ``n`` solves
+``||W_:j||``, which :func:`split` stores in the node (``base_norm``: a frozen
+:class:`jaxlora._node.Constant` in the node's static metadata, outside the
+trainable tree, one number per output unit, like ``m``); then ``n`` solves
 ``n² - 2n·(u·Δ_:j) + ||Δ_:j||² = ||W_:j||²`` with ``u = W'_:j/m_j``. Of its two
 roots the larger one is ``W``'s whenever ``W_:j · (W_:j + Δ_:j) ≥ 0``, which holds
 for every adapter whose delta column is shorter than the base column (LoRA's
@@ -34,13 +35,18 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jaxlora._delta import AdapterNode, LoraNode
+from jaxlora._delta import LoraNode
+from jaxlora._node import AdapterNode, Constant
 from jaxlora._paths import Layout
+from jaxlora.io.peft._format import register_codec
+from jaxlora.io.peft._lora import LoraCodec
+from jaxlora.quant import QuantizedArray
 
 __all__ = ["DoraNode"]
 
@@ -49,7 +55,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DoraNode(AdapterNode):
+class DoraNode(AdapterNode, kind="dora"):
     """The DoRA adapter of one weight: ``W' = m · (W + s·a@b) / ||W + s·a@b||``.
 
     ``jaxlora.split(params, LoraConfig(..., use_dora=True), key=key)`` puts one
@@ -60,14 +66,16 @@ class DoraNode(AdapterNode):
     Attributes:
         a: ``(*stacked, n_in, rank)``, trainable.
         b: ``(*stacked, rank, n_out)``, trainable.
-        scale: a float32 scalar array ``s``, frozen.
         m: ``(*stacked, n_out)`` magnitudes, trainable; float32 whatever the
             config's ``dtype`` (a rounded ``m`` would move the model at step 0).
+        scale: ``s``, a static float.
         layout: how the base weight's axes read (static).
         dropout: the dropout rate on the low-rank branch's input (static).
         base_norm: ``(*stacked, n_out)`` column norms ``||W_:j||`` of the base this
-            node was split from, frozen; only :meth:`unmerge_from` reads it
-            (``None``: this node cannot be unmerged).
+            node was split from, a static :class:`jaxlora._node.Constant` (so no
+            optimizer sees it); only :meth:`unmerge_from` reads it. ``None`` when
+            the node was made under tracing (``jax.eval_shape`` of ``split``): such
+            a node cannot be unmerged.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
@@ -75,8 +83,8 @@ class DoraNode(AdapterNode):
         >>> config = jaxlora.LoraConfig(rank=2, targets="w", use_dora=True)
         >>> base, delta = jaxlora.split({"w": w}, config, key=jax.random.key(1))
         >>> node = delta["w"]
-        >>> type(node).__name__, node.m.shape
-        ('DoraNode', (4,))
+        >>> type(node).__name__, node.m.shape, [x.shape for x in jax.tree.leaves(node)]
+        ('DoraNode', (4,), [(6, 2), (2, 4), (4,)])
         >>> bool(jnp.allclose(node.m, jnp.linalg.norm(w, axis=0)))
         True
         >>> x = jnp.ones((3, 6))
@@ -89,13 +97,22 @@ class DoraNode(AdapterNode):
         https://arxiv.org/abs/2402.09353.
     """
 
+    axes: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "a": ("in", "rank"),
+        "b": ("rank", "out"),
+        "m": ("out",),
+        "base_norm": ("out",),
+    }
+
     a: jax.Array
     b: jax.Array
-    scale: jax.Array
     m: jax.Array
-    layout: Layout = dataclasses.field(metadata=dict(static=True))
-    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
-    base_norm: jax.Array | None = None
+    scale: float = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    layout: Layout = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, kw_only=True, metadata=dict(static=True))
+    base_norm: Constant | None = dataclasses.field(
+        default=None, kw_only=True, metadata=dict(static=True)
+    )
 
     @classmethod
     def from_lora(cls, node: LoraNode, weight: Any) -> DoraNode:
@@ -109,8 +126,6 @@ class DoraNode(AdapterNode):
         Returns:
             A :class:`DoraNode` that leaves the model unchanged.
         """
-        from jaxlora.quant import QuantizedArray
-
         if isinstance(weight, QuantizedArray):
             weight = weight.dequantize(jnp.float32)
         w = _matrix(weight, node.layout)
@@ -118,11 +133,11 @@ class DoraNode(AdapterNode):
         return cls(
             node.a,
             node.b,
-            node.scale,
             _column_norm(merged),
+            scale=node.scale,
             layout=node.layout,
             dropout=node.dropout,
-            base_norm=_column_norm(w),
+            base_norm=Constant.of(_column_norm(w)),
         )
 
     @property
@@ -130,9 +145,23 @@ class DoraNode(AdapterNode):
         """The adapter's rank."""
         return self.a.shape[-1]
 
-    def factors(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(a, b, scale)``: the direction's low-rank delta."""
-        return self.a, self.b, self.scale
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        """``(a, b)``: the direction's low-rank delta is ``scale · a @ b``."""
+        return self.a, self.b
+
+    def fold_scale(self) -> DoraNode:
+        """The same adapter with scale 1 (``b`` becomes ``scale · b``; ``m`` is unchanged)."""
+        if self.scale == 1.0:
+            return self
+        b = (jnp.float32(self.scale) * self.b.astype(jnp.float32)).astype(self.b.dtype)
+        return dataclasses.replace(self, b=b, scale=1.0)
+
+    def pad_rank(self, rank: int) -> DoraNode:
+        """The same adapter at rank ``rank`` (zero rank components; the norms are unchanged)."""
+        extra = rank - self.rank
+        a = jnp.pad(self.a, [(0, 0)] * (self.a.ndim - 1) + [(0, extra)])
+        b = jnp.pad(self.b, [(0, 0)] * (self.b.ndim - 2) + [(0, extra), (0, 0)])
+        return dataclasses.replace(self, a=a, b=b)
 
     def weight_norm(self, weight: jax.Array) -> jax.Array:
         """``||W_:j + s·(a@b)_:j||`` per output unit, ``(*stacked, n_out)``, without ``W + s·a@b``.
@@ -143,7 +172,7 @@ class DoraNode(AdapterNode):
         w = _matrix(weight, self.layout)
         a = self.a.astype(jnp.float32)
         b = self.b.astype(jnp.float32)
-        s = jax.lax.stop_gradient(self.scale).astype(jnp.float32)
+        s = jnp.float32(self.scale)
         w_sq = jnp.sum(w * w, axis=-2)
         a_w = jnp.einsum("...ir,...io->...ro", a, w, precision=_HIGHEST)
         a_a = jnp.einsum("...ir,...is->...rs", a, a, precision=_HIGHEST)
@@ -186,14 +215,9 @@ class DoraNode(AdapterNode):
         delta = _delta_matrix(self.a, self.b, self.scale)
         u_d = jnp.sum(u * delta, axis=-2)
         d_sq = jnp.sum(delta * delta, axis=-2)
-        w_sq = jnp.square(self.base_norm.astype(jnp.float32))
+        w_sq = jnp.square(jnp.asarray(self.base_norm.value, jnp.float32))
         n = u_d + jnp.sqrt(jnp.maximum(u_d * u_d - d_sq + w_sq, 0.0))
         return (n[..., None, :] * u - delta).reshape(self.layout.shape)
-
-    def trainable_mask(self) -> DoraNode:
-        """``True`` on ``a``, ``b`` and ``m``; ``False`` on ``scale`` and ``base_norm``."""
-        base_norm = None if self.base_norm is None else False
-        return dataclasses.replace(self, a=True, b=True, scale=False, m=True, base_norm=base_norm)  # type: ignore[arg-type]
 
 
 def _matrix(weight: Any, layout: Layout) -> jax.Array:
@@ -201,9 +225,10 @@ def _matrix(weight: Any, layout: Layout) -> jax.Array:
     return jnp.asarray(weight).astype(jnp.float32).reshape(layout.matrix_shape)
 
 
-def _delta_matrix(a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    s = jax.lax.stop_gradient(scale).astype(jnp.float32)
-    return s * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=_HIGHEST)
+def _delta_matrix(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    return jnp.float32(scale) * jnp.matmul(
+        a.astype(jnp.float32), b.astype(jnp.float32), precision=_HIGHEST
+    )
 
 
 def _column_norm(matrix: jax.Array) -> jax.Array:
@@ -214,3 +239,6 @@ def _safe_ratio(num: Any, den: jax.Array) -> jax.Array:
     """``num / den`` where ``den != 0``, else 0 (with finite gradients everywhere)."""
     nonzero = den != 0
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1.0), 0.0)
+
+
+register_codec("dora", LoraCodec(dora=True))  # PEFT's LoRA files with use_dora

@@ -10,12 +10,11 @@ from typing import Any
 import jax
 import optax
 
-from jaxlora._delta import is_node
+from jaxlora._node import is_node
 
 __all__ = ["loraplus"]
 
 # Node fields trained at ``ratio × lr``: the output-side factor of each adapter type.
-_B_FIELDS = ("b", "q")
 
 
 def loraplus(
@@ -27,11 +26,12 @@ def loraplus(
     """An optimizer for a delta that trains ``b`` at ``ratio`` times ``a``'s learning rate.
 
     The delta's leaves fall into three groups, each with its own optimizer
-    state: the output-side factors (``b`` of LoRA, DoRA and VeRA nodes,
-    ``q`` of AdaLoRA nodes) get ``optimizer_factory(ratio · lr)``; every other
-    trainable leaf (``a``, DoRA's ``m``, VeRA's ``d``, AdaLoRA's ``p`` and ``e``)
-    gets ``optimizer_factory(lr)``; frozen leaves (scales, anything outside an
-    adapter node) get zero updates and no state. PEFT's
+    state: the output-side factors (each node type's ``output_factor``: ``b`` of
+    LoRA, DoRA and VeRA nodes, ``q`` of AdaLoRA nodes) get
+    ``optimizer_factory(ratio · lr)``; every other adapter leaf (``a``, DoRA's
+    ``m``, VeRA's ``d``, AdaLoRA's ``p`` and ``e``) gets ``optimizer_factory(lr)``;
+    leaves outside adapter nodes (a base trained next to the delta) get zero
+    updates and no state. PEFT's
     ``create_loraplus_optimizer`` also puts 1-D parameters (DoRA's magnitude)
     in the fast group and gives embeddings their own rate; here the rule is by
     role only.
@@ -60,8 +60,8 @@ def loraplus(
         >>> tx = loraplus(optax.sgd, 0.1, ratio=16)
         >>> grads = jax.tree.map(jnp.ones_like, delta)
         >>> updates, _ = tx.update(grads, tx.init(delta), delta)
-        >>> float(updates["w"].a[0, 0]), float(updates["w"].b[0, 0]), float(updates["w"].scale)
-        (-0.1, -1.6, 0.0)
+        >>> float(updates["w"].a[0, 0]), float(updates["w"].b[0, 0])
+        (-0.1, -1.6)
 
     References:
         Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models",
@@ -87,16 +87,9 @@ def _labels(tree: Any) -> Any:
     def one(x: Any) -> Any:
         if not is_node(x):
             return "frozen"
-        mask = x.trainable_mask()
-        labels = {}
-        for field in dataclasses.fields(x):
-            if field.metadata.get("static"):
-                continue
-            value = getattr(mask, field.name)
-            if value is None:
-                continue
-            fast = field.name in _B_FIELDS
-            labels[field.name] = ("b" if fast else "a") if bool(value) else "frozen"
-        return dataclasses.replace(x, **labels)
+        fast = x.output_factor
+        return dataclasses.replace(
+            x, **{name: "b" if name == fast else "a" for name in x.trainable_fields()}
+        )
 
     return jax.tree.map(one, tree, is_leaf=is_node)

@@ -12,7 +12,10 @@ so an adapter costs ``n_out + r`` numbers per weight instead of LoRA's
 
 **Where the shared matrices live.** They are regenerated from
 ``VeraConfig.projection_key`` (a static field of every node, with the shared
-shape) whenever a node's factors are needed, and stored nowhere. A delta
+shape) whenever a node's factors are needed, and stored nowhere. (Matrices
+read from a PEFT file, which PEFT drew with PyTorch's generator, are held as
+frozen :class:`jaxlora._node.Constant` s in the same static field instead;
+checkpoints store them once.) A delta
 mirrors the parameter tree, so it has no slot for one array shared by all
 layers; the alternative, every node referencing one buffer, silently becomes
 a copy per layer after the first ``jax.tree.map`` (an optimizer update, a
@@ -34,14 +37,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxlora._delta import AdapterNode
+from jaxlora._config import check_node_matches, register_config
+from jaxlora._node import AdapterNode, Constant
 from jaxlora._paths import Layout
+from jaxlora.io.peft._format import register_codec
+from jaxlora.io.peft._vera import VeraCodec
 from jaxlora.variants._common import TargetsConfig, check_int
 
 __all__ = ["VeraConfig", "VeraNode", "VeraProjection"]
@@ -56,6 +63,9 @@ class VeraProjection:
         rank: ``r``.
         max_in: rows of ``A`` (the largest ``n_in`` over the targets).
         max_out: columns of ``B`` (the largest ``n_out`` over the targets).
+        given: ``None`` (the matrices are drawn from ``seed``), or the matrices
+            ``(A, B)`` themselves as constants (read from a PEFT file, where PEFT
+            drew them with PyTorch's generator).
 
     Example:
         >>> from jaxlora.variants import VeraProjection
@@ -72,14 +82,18 @@ class VeraProjection:
     rank: int
     max_in: int
     max_out: int
+    given: tuple[Constant, Constant] | None = None
 
     def matrices(self, dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
         """``(A: (max_in, r), B: (r, max_out))``, kaiming-uniform as in the paper.
 
         PyTorch's ``kaiming_uniform_`` with gain ``sqrt(2)`` (as PEFT): ``A`` is
         ``U(±sqrt(6 / max_in))`` and ``B`` is ``U(±sqrt(6 / r))``, each bound from
-        the fan-in of the map it applies.
+        the fan-in of the map it applies. Given matrices are returned as they are.
         """
+        if self.given is not None:
+            a, b = (jnp.asarray(c.value) for c in self.given)
+            return a.astype(dtype), b.astype(dtype)
         key_a, key_b = jax.random.split(jax.random.key(self.seed))
         bound_a = math.sqrt(6.0 / self.max_in)
         bound_b = math.sqrt(6.0 / self.rank)
@@ -90,7 +104,7 @@ class VeraProjection:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class VeraNode(AdapterNode):
+class VeraNode(AdapterNode, kind="vera"):
     """The VeRA adapter of one weight: ``W' = W + (A_shared·diag(d)) @ (B_shared·diag(b))``.
 
     Attributes:
@@ -117,11 +131,13 @@ class VeraNode(AdapterNode):
         https://arxiv.org/abs/2310.11454.
     """
 
+    axes: ClassVar[Mapping[str, tuple[str, ...]]] = {"d": ("rank",), "b": ("out",)}
+
     d: jax.Array
     b: jax.Array
-    layout: Layout = dataclasses.field(metadata=dict(static=True))
-    projection: VeraProjection = dataclasses.field(metadata=dict(static=True))
-    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    layout: Layout = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    projection: VeraProjection = dataclasses.field(kw_only=True, metadata=dict(static=True))
+    dropout: float = dataclasses.field(default=0.0, kw_only=True, metadata=dict(static=True))
 
     @property
     def rank(self) -> int:
@@ -129,22 +145,53 @@ class VeraNode(AdapterNode):
         return self.d.shape[-1]
 
     @property
-    def scale(self) -> jax.Array:
+    def scale(self) -> float:
         """VeRA has no scale: 1.0 (``d`` and ``b`` carry it)."""
-        return jnp.ones((), jnp.float32)
+        return 1.0
 
-    def factors(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(A[:n_in] · d, B[:, :n_out] · b, 1.0)``, shaped like LoRA's ``(a, b, scale)``."""
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        """``(A[:n_in] · d, B[:, :n_out] · b)``, shaped like LoRA's ``(a, b)``."""
         a, b = self.projection.matrices(self.d.dtype)
         a = a[: self.layout.n_in] * self.d[..., None, :]
         b = b[:, : self.layout.n_out] * self.b[..., None, :]
-        return a, b, self.scale
+        return a, b
 
-    def trainable_mask(self) -> VeraNode:
-        """``True`` on ``d`` and ``b`` (the shared matrices are not leaves at all)."""
-        return dataclasses.replace(self, d=True, b=True)  # type: ignore[arg-type]
+    def with_scale(self, scale: float) -> VeraNode:
+        if float(scale) != 1.0:
+            raise TypeError("VeRA has no scale (its vectors d and b carry it)")
+        return self
+
+    def fold_scale(self) -> VeraNode:
+        return self
+
+    def pad_rank(self, rank: int) -> VeraNode:
+        raise TypeError(
+            "a VeRA adapter's rank is that of its shared random projections and cannot be "
+            "padded; stack VeRA adapters of one VeraConfig (same rank and projection_key)"
+        )
+
+    def _encode_static(self, name: str, value: Any) -> Any:
+        if name == "projection":
+            fields = {k: getattr(value, k) for k in ("seed", "rank", "max_in", "max_out")}
+            # constants stay objects here: a checkpoint stores each once and refers to it
+            given = None if value.given is None else list(value.given)
+            return {**fields, "given": given}
+        return super()._encode_static(name, value)
+
+    @classmethod
+    def _decode_static(cls, name: str, value: Any) -> Any:
+        if name == "projection":
+            given = value.get("given")
+            if given is not None:
+                given = tuple(
+                    c if isinstance(c, Constant) else Constant(np.asarray(c)) for c in given
+                )
+            fields = {k: int(value[k]) for k in ("seed", "rank", "max_in", "max_out")}
+            return VeraProjection(**fields, given=given)
+        return super()._decode_static(name, value)
 
 
+@register_config("vera")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VeraConfig(TargetsConfig):
     """A frozen, validated description of a VeRA adapter; pass it to :func:`jaxlora.split`.
@@ -212,6 +259,18 @@ class VeraConfig(TargetsConfig):
             )
         super().__post_init__()
 
+    def check_node(self, path: str, node: Any) -> None:
+        """Raises unless ``node`` is the VeRA adapter this config makes at ``path``."""
+        check_node_matches(
+            path, node, kind="vera", rank=self.rank, scale=1.0, dtype=self.dtype, arrays=("d", "b")
+        )
+        seed = node.projection.seed
+        if node.projection.given is None and seed != self.projection_key:
+            raise ValueError(
+                f"the adapter at {path!r} uses the projections of seed {seed}, but config has "
+                f"projection_key={self.projection_key}. Pass the config the delta was made with."
+            )
+
     def node_builder(
         self, targets: Sequence[tuple[str, Any]]
     ) -> Callable[[jax.Array, str, Any], tuple[VeraNode, None]]:
@@ -241,3 +300,6 @@ class VeraConfig(TargetsConfig):
             return node, None
 
         return make
+
+
+register_codec("vera", VeraCodec())  # PEFT's VeRA files

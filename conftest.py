@@ -19,7 +19,7 @@ if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 # Memory plans read in tests should be the memory-minimizing ones that GPU and
 # TPU backends produce, not the CPU backend's concurrency-first schedule (see
-# jaxlora._memory). Set here, before JAX starts its backend.
+# jaxlora.memory). Set here, before JAX starts its backend.
 _MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if _MEMORY_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_MEMORY_FLAG}".strip()

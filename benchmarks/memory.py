@@ -6,7 +6,7 @@ with ``nn.scan``, with and without per-layer remat; batch 1 x 512; Adam;
 trainable state and optimizer state donated. Inputs are abstract
 (``jax.ShapeDtypeStruct``): nothing is allocated.
 
-peak = argument + output - alias + temp (``jaxlora._memory.MemoryReport``).
+peak = argument + output - alias + temp (``jaxlora.memory.MemoryReport``).
 The floor is the frozen model's step that differentiates only with respect to
 its input embeddings: the least any adapter method can need.
 
@@ -21,7 +21,7 @@ Run: ``python -m benchmarks.memory [--7b]``
 
 from __future__ import annotations
 
-from jaxlora import _memory
+from jaxlora import memory as _memory
 
 _memory.use_memory_minimizing_cpu_scheduler()  # before JAX starts: GPU-like memory plans
 

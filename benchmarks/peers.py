@@ -13,7 +13,7 @@ NF4 layouts round differently) and every trainable count is the analytical
 Methods (what each peer's API looks like):
 * jaxlora: ``base, delta = split(params, LoraConfig(rank=8, alpha=16,
   targets=<q/k/v/o kernels>, init="kaiming"), key=...)``, then the Adam step of
-  ``jaxlora._memory.lora_step`` (``lora_apply``, use-site strategy) over the
+  ``jaxlora.memory.lora_step`` (``lora_apply``, use-site strategy) over the
   linen ``jaxlora.models.llama.Llama``.
 * jaxlora (NNX model): the same on ``nnx.split(NnxLlama)``'s state
   (``benchmarks/_peer_models.py``), like for like with nnx.LoRA.
@@ -45,7 +45,7 @@ Measures:
   median per method; ``time/ref`` is the median over rounds of this row's
   time / the reference's in the same round, ``[q1, q3]`` its quartiles.
 * memory, JAX rows: XLA's compiled plan of the jitted step with trainable and
-  optimizer state donated, ``jaxlora._memory.memory_of`` (argument + output -
+  optimizer state donated, ``jaxlora.memory.memory_of`` (argument + output -
   alias + temp: frozen weights, adapters, Adam state, batch, activations and
   temporaries), with the memory-minimizing CPU scheduler.
 * memory, PEFT: a fresh subprocess's peak resident set (``VmHWM``, reset with
@@ -109,7 +109,7 @@ Run: ``python -m benchmarks.peers [--rounds 5] [--no-rss] [--no-torch] [--no-qlo
 
 from __future__ import annotations
 
-from jaxlora import _memory
+from jaxlora import memory as _memory
 
 _memory.use_memory_minimizing_cpu_scheduler()
 

@@ -7,7 +7,7 @@ layer, batch 1 x 512, Adam, adapters r = 8 on every linear layer of the
 decoder blocks, trainable state donated. QLoRA quantizes those linear weights
 to NF4 with double quantization (block 64); embeddings, norms and the output
 head stay in the base dtype. CPU plans use the memory-minimizing scheduler
-(``jaxlora._memory.use_memory_minimizing_cpu_scheduler``).
+(``jaxlora.memory.use_memory_minimizing_cpu_scheduler``).
 
 Bar: QLoRA's peak minus its base bytes <= 1.10 x LoRA's peak minus its base
 bytes, plus one dequantized weight (the largest kernel): the 4-bit base may
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlora import _memory
+from jaxlora import memory as _memory
 
 _memory.use_memory_minimizing_cpu_scheduler()
 

@@ -25,7 +25,7 @@ import jax
 import optax
 
 import jaxlora
-from jaxlora import _memory
+from jaxlora import memory as _memory
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 
 

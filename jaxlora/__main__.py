@@ -1,5 +1,5 @@
 import sys
 
-from jaxlora.cli import main
+from jaxlora.apps.cli import main
 
 sys.exit(main())

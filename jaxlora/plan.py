@@ -45,7 +45,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlora import _memory, _paths
+from jaxlora import _paths
+from jaxlora import memory as _memory
 from jaxlora._config import LoraConfig
 from jaxlora._engine import FallbackWarning
 from jaxlora._split import split
@@ -234,7 +235,7 @@ def plan(
     Parameter counts and checkpoint sizes come from :func:`jaxlora.split` (and
     :func:`jaxlora.quant.quantize`) under ``jax.eval_shape``. The peak memory
     of each method is XLA's plan for one jitted optimizer step with donated
-    state (:mod:`jaxlora._memory`: ``full_step``, ``lora_step``,
+    state (:mod:`jaxlora.memory`: ``full_step``, ``lora_step``,
     ``memory_of``), compiled for abstract inputs on the current backend:
     ``argument + output - alias + temp`` bytes per device. On a CPU host the
     plan approximates an accelerator's: XLA's CPU scheduler differs (the
@@ -797,7 +798,7 @@ def run(args: argparse.Namespace) -> int:
         0 on success, 2 for an invalid model description (the error goes to stderr).
 
     Example:
-        >>> from jaxlora.cli import main
+        >>> from jaxlora.apps.cli import main
         >>> main(["plan", "gpt3-175b", "--rank", "4", "--targets", "q_proj,v_proj",
         ...       "--skip-compile", "--quantize", "none"])
         model: gpt3-175b: 96 layers, d_model 12288, 96 heads, 96 KV heads, d_ff 32768, vocab 50257

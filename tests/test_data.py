@@ -4,8 +4,8 @@ import collections
 
 import pytest
 
-from jaxlora import data
-from jaxlora.data import load_rotten_tomatoes
+from jaxlora.apps import data
+from jaxlora.apps.data import load_rotten_tomatoes
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 import safetensors.numpy
 
 import jaxlora
-from jaxlora import cli, demo
-from jaxlora.demo import Encoded, ProgressBar, accuracy, bucket_lengths, make_batches
+from jaxlora.apps import cli, demo
+from jaxlora.apps.demo import Encoded, ProgressBar, accuracy, bucket_lengths, make_batches
 
 
 def _encoded(lengths, seed=0):

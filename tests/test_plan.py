@@ -14,8 +14,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
-from jaxlora import _memory
-from jaxlora.cli import main
+from jaxlora import memory as _memory
+from jaxlora.apps.cli import main
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.plan import (
     PRESETS,

@@ -206,7 +206,7 @@ def _sharded_mlp(mesh):
     return jax.device_put(params, shardings), shardings, x, apply
 
 
-@pytest.mark.parametrize("kind", ["dora", "vera", "adalora"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "vera", "adalora"])
 def test_variants_shard_like_their_weights_and_restore_onto_old_shardings(tmp_path, kind):
     # Auto axes: on an Explicit mesh the row-parallel matmul itself needs out_sharding=
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
@@ -218,7 +218,7 @@ def test_variants_shard_like_their_weights_and_restore_onto_old_shardings(tmp_pa
         for name in type(node).trainable_fields():
             got = getattr(node, name).sharding
             assert got.is_equivalent_to(getattr(want, name), getattr(node, name).ndim), name
-    out_field = {"dora": "m", "vera": "b", "adalora": "q"}[kind]  # an array along "out"
+    out_field = {"lora": "b", "dora": "m", "vera": "b", "adalora": "q"}[kind]  # along "out"
     assert getattr(expected["up"]["kernel"], out_field).spec[-1] == "model"  # column-parallel
     assert getattr(expected["down"]["kernel"], out_field).spec[-1] is None  # row-parallel
     delta = jax.device_put(_perturbed(delta), expected)

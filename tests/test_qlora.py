@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import jaxlora
-from jaxlora import _memory, quant
+from jaxlora import memory as _memory
+from jaxlora import quant
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from tests.helpers import dense_merge, randomize_b
 

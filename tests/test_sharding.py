@@ -25,7 +25,7 @@ from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
-from jaxlora import _memory
+from jaxlora import memory as _memory
 from jaxlora._paths import Layout
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.sharding import adapter_shardings, factor_specs

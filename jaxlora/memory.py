@@ -66,7 +66,7 @@ def memory_of(
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from jaxlora._memory import memory_of
+        >>> from jaxlora.memory import memory_of
         >>> x = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
         >>> memory_of(lambda x: x @ x, x).argument
         4194304

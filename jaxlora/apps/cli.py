@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 SUBCOMMANDS = {
-    "demo": ("jaxlora.demo", "fine-tune a pretrained model with LoRA, end to end"),
+    "demo": ("jaxlora.apps.demo", "fine-tune a pretrained model with LoRA, end to end"),
     "plan": ("jaxlora.plan", "plan training memory for full fine-tuning, LoRA and QLoRA"),
 }
 

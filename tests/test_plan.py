@@ -1,4 +1,4 @@
-"""Tests for jaxlora/plan.py: counts against the LoRA paper, XLA memory plans, the CLI."""
+"""Tests for jaxlora.plan and jaxlora.apps.plan_cli: counts against the LoRA paper, XLA memory plans, the CLI."""
 
 from __future__ import annotations
 
@@ -17,15 +17,9 @@ import jaxlora
 from jaxlora import memory as _memory
 from jaxlora.apps.cli import main
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
-from jaxlora.plan import (
-    PRESETS,
-    MethodPlan,
-    Plan,
-    add_arguments,
-    llama_config_from_hf,
-    parse_bytes,
-    plan,
-)
+from jaxlora.apps.plan_cli import PRESETS, add_arguments
+from jaxlora.models.hf import llama_config_from_hf
+from jaxlora.plan import MethodPlan, Plan, parse_bytes, plan
 from jaxlora.quant import is_quantized
 
 ADAM = optax.adam(1e-3)

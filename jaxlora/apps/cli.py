@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 SUBCOMMANDS = {
     "demo": ("jaxlora.apps.demo", "fine-tune a pretrained model with LoRA, end to end"),
-    "plan": ("jaxlora.plan", "plan training memory for full fine-tuning, LoRA and QLoRA"),
+    "plan": ("jaxlora.apps.plan_cli", "plan training memory for full fine-tuning, LoRA and QLoRA"),
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.models import bert
+from jaxlora.models import bert, minilm
 
 BERT = bert.BertConfig(
     vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position=16
@@ -57,7 +57,9 @@ def bert_model(torch_libs):
     )
     torch.manual_seed(1)
     model = transformers.BertModel(hf_config, add_pooling_layer=False).eval()
-    params = bert.convert_hf_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, BERT)
+    params = minilm.convert_hf_state_dict(
+        {k: v.numpy() for k, v in model.state_dict().items()}, BERT
+    )
     ids = np.random.default_rng(1).integers(0, BERT.vocab_size, (2, 6))
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2])
     encoder = lambda p, i, m: bert.BertModel(BERT).apply({"params": p}, i, m)

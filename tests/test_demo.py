@@ -1,4 +1,4 @@
-"""Tests for jaxlora/demo.py: the quick end-to-end run, bucketing, metrics, the progress bar."""
+"""Tests for jaxlora.apps.demo: the quick end-to-end run, bucketing, metrics, progress bars."""
 
 import argparse
 import io
@@ -10,7 +10,8 @@ import safetensors.numpy
 
 import jaxlora
 from jaxlora.apps import cli, demo
-from jaxlora.apps.demo import Encoded, ProgressBar, accuracy, bucket_lengths, make_batches
+from jaxlora.apps.demo import Encoded, accuracy, bucket_lengths, make_batches
+from jaxlora.apps.demo import _main, _training
 
 
 def _encoded(lengths, seed=0):
@@ -61,32 +62,31 @@ def test_save_writes_adapter_and_head(tmp_path, dora):
     config = jaxlora.LoraConfig(rank=2, targets="query", use_dora=dora)
     _, delta = jaxlora.split(params, config, key=jax.random.key(0))
     head = {"kernel": np.zeros((6, 2), np.float32), "bias": np.zeros(2, np.float32)}
-    how = demo._save(tmp_path, delta, head, config)
-    assert ("safetensors" in how) is dora  # plain LoRA goes through jaxlora.save_adapter
+    _main._save(tmp_path, delta, head, config)
     assert sorted(safetensors.numpy.load_file(tmp_path / "classifier.safetensors")) == [
         "bias",
         "kernel",
     ]
-    assert demo._size_kb(tmp_path / "adapter") > 0
-    if dora:
-        arrays = safetensors.numpy.load_file(tmp_path / "adapter" / "adapter.safetensors")
-        assert {"query/kernel/a", "query/kernel/b"} <= set(arrays)
-        np.testing.assert_array_equal(arrays["query/kernel/a"], delta["query"]["kernel"].a)
+    assert _main._size_kb(tmp_path / "adapter") > 0
+    restored, restored_config = jaxlora.load_adapter(tmp_path / "adapter")
+    assert restored_config == config
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(delta), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_flags_override_quick_defaults_and_bad_values_raise():
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    settings = demo._settings(parser.parse_args(["--quick", "--rank", "2", "--lr", "0.1"]))
+    settings = _main._settings(parser.parse_args(["--quick", "--rank", "2", "--lr", "0.1"]))
     assert settings["rank"] == 2 and settings["lr"] == 0.1
     assert settings["max_length"] == demo.QUICK["max_length"]
-    assert demo._settings(parser.parse_args([]))["epochs"] == demo.DEFAULTS["epochs"]
+    assert _main._settings(parser.parse_args([]))["epochs"] == demo.DEFAULTS["epochs"]
     with pytest.raises(ValueError, match="--batch-size must be positive"):
-        demo._settings(parser.parse_args(["--batch-size", "0"]))
+        _main._settings(parser.parse_args(["--batch-size", "0"]))
     with pytest.raises(ValueError, match="--steps must be positive"):
-        demo._settings(parser.parse_args(["--steps", "-1"]))
+        _main._settings(parser.parse_args(["--steps", "-1"]))
     with pytest.raises(ValueError, match="--full-lr must be positive"):
-        demo._settings(parser.parse_args(["--full-lr", "0"]))
+        _main._settings(parser.parse_args(["--full-lr", "0"]))
 
 
 # --- bucketing ---------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def test_make_batches_covers_every_example_once_in_bucket_shapes(shuffle):
         for ids, mask, label in zip(data.ids, data.mask, data.labels, strict=True)
     ]
     assert sorted(seen) == sorted(expected)
-    assert len(batches) == demo._steps_per_epoch(data, 3, (8, 16))
+    assert len(batches) == _training.steps_per_epoch(data, 3, (8, 16))
     if not shuffle:
         assert seen == [e for e, n in zip(expected, lengths, strict=True) if n <= 8] + [
             e for e, n in zip(expected, lengths, strict=True) if n > 8
@@ -155,7 +155,7 @@ def test_make_batches_errors():
 
 def test_predict_returns_rows_in_data_order():
     data = _encoded([3, 12, 1, 16, 7, 9, 2], seed=3)
-    logits = demo._predict(
+    logits = _training.predict(
         lambda ids, mask: np.stack([ids.sum(1), mask.sum(1)], axis=1),
         data,
         (8, 16),
@@ -183,50 +183,13 @@ def test_probe_folds_standardization_into_a_plain_head():
     # separable along feature 2, with a large offset and scale the fold must undo
     features = rng.normal(size=(200, 5)).astype(np.float32)
     features[:, 2] = 100.0 + 20.0 * (2 * labels - 1) + rng.normal(size=200)
-    head = demo._fit_probe(features, labels, seed=0)
+    head = _training.fit_probe(features, labels, seed=0)
     assert head["kernel"].shape == (5, 2) and head["bias"].shape == (2,)
     logits = features @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
     assert accuracy(logits, labels) == 1.0
 
 
 # --- progress bar ------------------------------------------------------------------------------
-
-
-class _Terminal(io.StringIO):
-    def isatty(self):
-        return True
-
-
-def test_progress_bar_writes_one_line_when_not_a_terminal():
-    out = io.StringIO()
-    with ProgressBar(3, "work", stream=out) as bar:
-        bar.update(loss=1.0)
-        bar.update(2, loss=0.25)
-    assert out.getvalue().count("\n") == 1
-    assert out.getvalue().startswith("work [########] 3/3 ")
-    assert out.getvalue().rstrip().endswith("loss 0.250")
-
-
-def test_progress_bar_logs_a_line_per_interval_when_not_a_terminal():
-    out = io.StringIO()
-    with ProgressBar(3, "work", stream=out, log_interval=0.0) as bar:
-        for _ in range(3):
-            bar.update()
-    lines = out.getvalue().splitlines()
-    assert [line.split()[2] for line in lines] == ["1/3", "2/3", "3/3"]
-    assert "\r" not in out.getvalue()
-
-
-def test_progress_bar_redraws_in_place_on_a_terminal():
-    out = _Terminal()
-    bar = ProgressBar(4, "work", stream=out, width=4, min_interval=0.0)
-    bar.update()
-    assert out.getvalue().startswith("\rwork [#...] 1/4 ")
-    bar.update(3)
-    bar.close()
-    bar.close()  # closing twice writes nothing more
-    assert out.getvalue().count("\r") == 3 and out.getvalue().endswith("\n")
-    assert "[####] 4/4" in out.getvalue()
 
 
 def test_quick_demo_with_dora_on_a_4_bit_base(tmp_path, capsys):
@@ -237,4 +200,9 @@ def test_quick_demo_with_dora_on_a_4_bit_base(tmp_path, capsys):
     assert code == 0
     assert "quantized to nf4" in out
     assert "100.00% of predictions agree" in out
-    assert (tmp_path / "adapter" / "adapter.safetensors").exists()  # DoRA keeps m and base_norm
+    restored, config = jaxlora.load_adapter(tmp_path / "adapter")  # DoRA saves as any adapter
+    assert (
+        config.use_dora
+        and type(restored["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"]).__name__
+        == "DoraNode"
+    )

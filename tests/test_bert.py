@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlora.models import bert
 from jaxlora.models import minilm as minilm_lib
 from jaxlora.models.bert import BertClassifier, BertConfig, BertModel, mean_pool
 from jaxlora.models.minilm import (

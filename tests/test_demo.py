@@ -1,7 +1,6 @@
 """Tests for jaxlora.apps.demo: the quick end-to-end run, bucketing, metrics, progress bars."""
 
 import argparse
-import io
 
 import jax
 import numpy as np
@@ -10,8 +9,7 @@ import safetensors.numpy
 
 import jaxlora
 from jaxlora.apps import cli, demo
-from jaxlora.apps.demo import Encoded, accuracy, bucket_lengths, make_batches
-from jaxlora.apps.demo import _main, _training
+from jaxlora.apps.demo import Encoded, _main, _training, accuracy, bucket_lengths, make_batches
 
 
 def _encoded(lengths, seed=0):

@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 import jaxlora
 from jaxlora import memory as _memory
 from jaxlora.apps.cli import main
-from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.apps.plan_cli import PRESETS, add_arguments
 from jaxlora.models.hf import llama_config_from_hf
+from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.plan import MethodPlan, Plan, parse_bytes, plan
 from jaxlora.quant import is_quantized
 

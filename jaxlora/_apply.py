@@ -9,8 +9,8 @@ from typing import Any
 import jax
 
 from jaxlora import _engine, _paths
+from jaxlora._merge import check_structure, merge
 from jaxlora._node import is_delta_leaf
-from jaxlora._split import check_structure, merge
 
 STRATEGIES = ("use-site", "merge")
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from flax.core import meta
 
 # Presets match the module name (the path component before the leaf name) and
 # the leaf name. Biases and norm scales are never matched: their leaf names are
@@ -70,21 +72,17 @@ def is_box(x: Any) -> bool:
     """Whether ``x`` counts as one parameter leaf although it is a pytree node.
 
     True for Flax boxes around an array (``nnx.Variable``, ``nn.Partitioned``)
-    and for a :class:`jaxlora.quant.QuantizedArray`, which stands for one weight.
+    and for pytree types that stand for one weight, which say so with a true
+    ``jaxlora_weight`` class attribute (:class:`jaxlora.quant.QuantizedArray`;
+    this module sits below the quantization package and does not import it).
     """
-    from flax import nnx
-    from flax.core import meta
-
-    from jaxlora.quant import QuantizedArray
-
-    return isinstance(x, nnx.Variable | meta.AxisMetadata | QuantizedArray)
+    return isinstance(x, nnx.Variable | meta.AxisMetadata) or getattr(
+        type(x), "jaxlora_weight", False
+    )
 
 
 def unbox(x: Any) -> Any:
     """The array inside a Flax box, or ``x`` itself."""
-    from flax import nnx
-    from flax.core import meta
-
     if isinstance(x, nnx.Variable):
         return x.get_value()
     if isinstance(x, meta.AxisMetadata):
@@ -94,9 +92,6 @@ def unbox(x: Any) -> Any:
 
 def rebox(box: Any, value: Any) -> Any:
     """``box`` with its array replaced by ``value`` (``value`` itself if ``box`` is no box)."""
-    from flax import nnx
-    from flax.core import meta
-
     if isinstance(box, nnx.Variable):
         return box.replace(value)
     if isinstance(box, meta.AxisMetadata):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora._apply import lora_apply
-from jaxlora._split import trainable_mask
+from jaxlora._counts import trainable_mask
 
 MEMORY_MINIMIZING_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 

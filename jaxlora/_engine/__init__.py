@@ -32,6 +32,7 @@ import jax
 from jaxlora import _paths
 from jaxlora._engine._adapted import from_node, from_quantized
 from jaxlora._engine._interpret import Context, FallbackError, FallbackWarning, evaluate
+from jaxlora.quant import QuantizedArray
 
 __all__ = ["FallbackError", "FallbackWarning", "use_site_call"]
 
@@ -54,8 +55,6 @@ def use_site_call(
     counting as leaves), its ``LoraNode`` or ``None``. Quantized base weights,
     adapted or not, are dequantized at each use.
     """
-    from jaxlora.quant import QuantizedArray
-
     flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_paths.is_box)
     adapted = [
         i

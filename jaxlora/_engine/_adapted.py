@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxlora._engine._lazy import Lazy, value_of
 from jaxlora._node import AdapterNode
+from jaxlora.quant import QuantizedArray
 
 Role = tuple[str, int]  # ("s" | "i" | "o", index within that role's axes)
 
@@ -131,8 +132,6 @@ def from_quantized(weight: Any, path: str) -> Adapted:
 
 
 def _lazy_if_quantized(weight: Any) -> Any:
-    from jaxlora.quant import QuantizedArray
-
     return Lazy.of(weight) if isinstance(weight, QuantizedArray) else weight
 
 

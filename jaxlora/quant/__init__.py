@@ -18,15 +18,15 @@ References:
     https://arxiv.org/abs/2305.14314
 """
 
+from jaxlora.quant._array import QuantizedArray as QuantizedArray
+from jaxlora.quant._array import is_quantized as is_quantized
 from jaxlora.quant._formats import FORMATS as FORMATS
 from jaxlora.quant._formats import FP4 as FP4
 from jaxlora.quant._formats import INT4 as INT4
 from jaxlora.quant._formats import INT8 as INT8
 from jaxlora.quant._formats import NF4 as NF4
 from jaxlora.quant._quantize import DOUBLE_QUANT_BLOCK_SIZE as DOUBLE_QUANT_BLOCK_SIZE
-from jaxlora.quant._quantize import QuantizedArray as QuantizedArray
 from jaxlora.quant._quantize import bits_per_parameter as bits_per_parameter
 from jaxlora.quant._quantize import dequantize as dequantize
-from jaxlora.quant._quantize import is_quantized as is_quantized
 from jaxlora.quant._quantize import quantize as quantize
 from jaxlora.quant._quantize import quantize_array as quantize_array

@@ -1,0 +1,197 @@
+"""``QuantizedArray``: a weight stored blockwise in 4 or 8 bits, and its dequantization.
+
+The storage is described in :mod:`jaxlora.quant._quantize`, which makes these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from jaxlora.quant import _formats
+
+__all__ = ["QuantizedArray", "is_quantized"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, repr=False)
+class QuantizedArray:
+    """A weight stored blockwise in 4 or 8 bits; shape-inspecting code can treat it as an array.
+
+    Build one with :func:`quantize_array` (or :func:`quantize` on a tree) and get
+    the weight back with :meth:`dequantize`. It is a pytree: ``codes`` and the
+    scale arrays are its leaves, everything else is static, so it passes through
+    ``jax.jit``, ``jax.tree.map`` and checkpointing like any other node.
+
+    Attributes:
+        codes: the packed codes, flat. 4-bit formats: ``uint8 (size // 2,)``, two
+            codes per byte, the first element in the high nibble (bitsandbytes'
+            order). ``"int8"``: ``int8 (size,)``.
+        scales: one per block, ``(size // block_size,)``: the float32 absmax, or
+            with double quantization its int8 code (see ``scale_scales``).
+        scale_scales: with double quantization, the float32 absmax of each group
+            of ``scale_block_size`` centered block scales,
+            ``(ceil(n_blocks / scale_block_size),)``; else ``None``.
+        scale_mean: with double quantization, the float32 mean ``μ`` of the block
+            absmax values (a scalar); else ``None``.
+        shape: the original shape (static).
+        dtype: the original dtype, which :meth:`dequantize` returns by default
+            (static).
+        format: ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"int8"`` (static).
+        block_size: elements per block of the flattened weight (static).
+        scale_block_size: block scales per second-level group with double
+            quantization, ``None`` without it (static).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import quantize_array
+        >>> w = jax.random.normal(jax.random.key(0), (4, 64, 32), jnp.bfloat16)
+        >>> q = quantize_array(w, format="nf4", block_size=64)
+        >>> q
+        QuantizedArray(shape=(4, 64, 32), dtype=bfloat16, format='nf4', block_size=64,
+                       double_quant=True, nbytes=4232)
+        >>> q.shape, q.ndim, q.size, q.codes.shape, q.scales.dtype
+        ((4, 64, 32), 3, 8192, (4096,), dtype('int8'))
+        >>> q.dequantize().dtype, q.dequantize(jnp.float32).dtype
+        (dtype(bfloat16), dtype('float32'))
+
+    References:
+        Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs.
+        https://arxiv.org/abs/2305.14314
+    """
+
+    jaxlora_weight: ClassVar[bool] = True  # one parameter leaf (jaxlora._paths.is_box)
+
+    codes: jax.Array
+    scales: jax.Array
+    scale_scales: jax.Array | None
+    scale_mean: jax.Array | None
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+    format: str = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    scale_block_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def ndim(self) -> int:
+        """The original number of axes."""
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        """The original number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the block scales are themselves quantized."""
+        return self.scale_block_size is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually stored: codes, scales and second-level scales."""
+        arrays = (self.codes, self.scales, self.scale_scales, self.scale_mean)
+        return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedArray(shape={self.shape}, dtype={self.dtype}, format={self.format!r}, "
+            f"block_size={self.block_size}, double_quant={self.double_quant}, "
+            f"nbytes={self.nbytes})"
+        )
+
+    def block_scales(self) -> jax.Array:
+        """The absmax of each block as float32, ``(size // block_size,)``.
+
+        Without double quantization these are the stored values; with it, the
+        reconstruction ``INT8[code] · s2 + μ``.
+
+        Returns:
+            a float32 array with one scale per block.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from jaxlora.quant import quantize_array
+            >>> w = jnp.arange(128.0).reshape(2, 64)
+            >>> quantize_array(w, block_size=64, double_quant=False).block_scales()
+            Array([ 63., 127.], dtype=float32)
+
+        References:
+            Dettmers et al. 2023, QLoRA, Section 3 ("Double Quantization").
+            https://arxiv.org/abs/2305.14314
+        """
+        if self.scale_block_size is None:
+            return self.scales.astype(jnp.float32)
+        if self.scale_scales is None or self.scale_mean is None:
+            raise ValueError(
+                f"{self!r} has scale_block_size={self.scale_block_size} but no "
+                "scale_scales/scale_mean; build it with quantize_array"
+            )
+        level2 = jnp.asarray(_formats.INT8)[jax.lax.bitcast_convert_type(self.scales, jnp.uint8)]
+        group = jnp.repeat(self.scale_scales, self.scale_block_size)[: self.scales.shape[0]]
+        return level2 * group + self.scale_mean
+
+    def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
+        """The weight back in full precision: ``table[code] · block_absmax``.
+
+        Pure ``jax.numpy``, so it works under ``jit``; it computes in float32
+        and casts at the end.
+
+        Args:
+            dtype: the result's dtype; ``None`` means the original dtype.
+
+        Returns:
+            an array of the original shape.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from jaxlora.quant import quantize_array
+            >>> w = jax.random.normal(jax.random.key(1), (64, 64))
+            >>> w_hat = jax.jit(lambda q: q.dequantize())(quantize_array(w))
+            >>> w_hat.shape, bool(jnp.mean((w - w_hat) ** 2) < 0.01)
+            ((64, 64), True)
+
+        References:
+            Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
+        """
+        return _dequantize_jit(self, np.dtype(self.dtype if dtype is None else dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize_jit(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
+    spec = _formats.get_format(q.format)
+    if spec.bits == 4:
+        index = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+    else:
+        index = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
+    values = jnp.asarray(spec.values)[index].reshape(-1, q.block_size)
+    return (values * q.block_scales()[:, None]).reshape(q.shape).astype(dtype)
+
+
+def is_quantized(x: Any) -> bool:
+    """Whether ``x`` is a :class:`QuantizedArray` (use as ``is_leaf=`` in tree functions).
+
+    Args:
+        x: anything.
+
+    Returns:
+        ``True`` for a :class:`QuantizedArray`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import is_quantized, quantize
+        >>> tree = quantize({"w": jnp.ones((8, 8))}, block_size=64)
+        >>> jax.tree.map(is_quantized, tree, is_leaf=is_quantized)
+        {'w': True}
+
+    References:
+        Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
+    """
+    return isinstance(x, QuantizedArray)

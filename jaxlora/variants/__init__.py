@@ -14,10 +14,10 @@ Every variant keeps the contract of plain LoRA: a config for
 
 from jaxlora.variants.adalora import AdaLoraConfig as AdaLoraConfig
 from jaxlora.variants.adalora import AdaLoraNode as AdaLoraNode
-from jaxlora.variants.adalora import AdaLoraState as AdaLoraState
-from jaxlora.variants.adalora import adalora as adalora
 from jaxlora.variants.adalora import orthogonality_loss as orthogonality_loss
 from jaxlora.variants.adalora import to_lora as to_lora
+from jaxlora.variants.adalora_optimizer import AdaLoraState as AdaLoraState
+from jaxlora.variants.adalora_optimizer import adalora as adalora
 from jaxlora.variants.allocate import allocate_ranks as allocate_ranks
 from jaxlora.variants.dora import DoraNode as DoraNode
 from jaxlora.variants.loraplus import loraplus as loraplus

@@ -15,8 +15,9 @@ The pieces:
 * :func:`adalora` (in :mod:`jaxlora.variants.adalora_optimizer`): wraps the user's
   optax optimizer; it tracks the importance ``|θ · ∇θ|`` of every entry of ``P``,
   ``E`` and ``Q`` (smoothed with ``beta1``, with the uncertainty ``|I - Ī|``
-  smoothed with ``beta2``), scores each triplet ``S(E_i) + mean_in S(P_:i) + mean_out S(Q_i:)`` with ``S = Ī · Ū``, and masks
-  ``E`` on the schedule in its returned updates;
+  smoothed with ``beta2``), scores each triplet
+  ``S(E_i) + mean_in S(P_:i) + mean_out S(Q_i:)`` with ``S = Ī · Ū``, and masks ``E``
+  on the schedule in its returned updates;
 * :func:`orthogonality_loss`: the regularizer ``‖PᵀP - I‖_F`` and ``‖QQᵀ - I‖_F``,
   to add to the loss with ``config.orth_reg_weight``;
 * :func:`to_lora`: after training, a plain LoRA delta of the surviving ranks.

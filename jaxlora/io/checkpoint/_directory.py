@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 METADATA = "jaxlora_adapter.json"
 ARRAYS = "arrays"
+CONSTANTS = "constants"
 TMP_SUFFIX = ".jaxlora-tmp"
 _ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 _STEP = re.compile(r"^step_(\d+)$")

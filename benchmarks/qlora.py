@@ -70,13 +70,13 @@ def memory_rows(preset, dtype, *, seq: int) -> dict:
     state = jax.eval_shape(tx.init, delta)
     lora_m = _memory.memory_of(lora, delta, state, base, tokens, donate_argnums=(0, 1))
     qlora_m = _memory.memory_of(lora, delta, state, qbase, tokens, donate_argnums=(0, 1))
-    kernels = [x for p, x in jaxlora._paths.leaves_with_paths(params) if p.endswith("kernel")]
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    kernels = [x for p, x in flat if jax.tree_util.keystr(p).endswith("'kernel']")]
     largest = max(math.prod(x.shape[1:]) for x in kernels) * jnp.dtype(dtype).itemsize
     quantized = [
-        x
-        for _, x in jaxlora._paths.leaves_with_paths(qbase)
+        x for x in jax.tree.leaves(qbase, is_leaf=jaxlora.quant.is_quantized)
         if isinstance(x, jaxlora.QuantizedArray)
-    ]
+    ]  # fmt: skip
     n_quantized = sum(q.size for q in quantized)
     return dict(
         params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),

@@ -7,6 +7,23 @@ Every adapter node type (LoRA and its variants) follows one protocol, described
 in :mod:`jaxlora._node`: its array leaves are exactly what trains, its fixed
 values are static metadata, and it declares how it contributes at a use site,
 merges, serializes, shards and stacks.
+
+The package reads top to bottom in layers; a module imports only from its own
+layer or below, at module level (``tests/test_package.py`` checks it):
+
+0. paths, configs and nodes: ``_paths``, ``_config``, ``_node`` (the protocol),
+   ``_delta`` (``LoraNode``), ``_placement`` (shardings of adapters);
+1. ``quant``: quantized base weights;
+2. ``_split``, ``_merge``, ``_counts``: split, merge/unmerge, masks and counts;
+3. ``_engine``: the use-site interpreter behind ``lora_apply``;
+4. ``_apply``: ``lora_apply``;
+5. ``multi``, ``variants``, ``sharding``, ``io`` (checkpoints, PEFT files),
+   ``memory`` (training-step builders and XLA memory reports);
+6. ``plan``: the memory planner;
+7. this module, which only re-exports;
+8. ``models``: reference models and their checkpoint loaders (the library above
+   imports none of them);
+9. ``apps``: the command line, the demos and their data.
 """
 
 from jaxlora import multi as multi

@@ -1,4 +1,4 @@
-"""Tests for jaxlora.models.bert and .minilm: shapes, masking, weight conversion, MiniLM, tokenizer."""
+"""Tests for jaxlora.models.bert and .minilm: shapes, masks, weight conversion, tokenizer."""
 
 import json
 import pathlib

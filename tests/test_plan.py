@@ -1,4 +1,4 @@
-"""Tests for jaxlora.plan and jaxlora.apps.plan_cli: counts against the LoRA paper, XLA memory plans, the CLI."""
+"""Tests for jaxlora.plan and its CLI: counts against the LoRA paper, XLA memory plans."""
 
 from __future__ import annotations
 

@@ -518,3 +518,25 @@ def test_targets_matching_nothing():
 def test_bits_per_parameter_without_quantized_arrays():
     with pytest.raises(ValueError, match="holding some; got dict with none"):
         quant.bits_per_parameter({"w": normal((8, 8))})
+
+
+def test_nonfinite_weights_are_refused_or_zeroed_never_hidden():
+    w = np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32)
+    w[3, 5], w[70, 1] = np.nan, np.inf
+    with pytest.raises(
+        ValueError, match=r"'l/kernel': 2 of its 8192 entries .* \(1 NaN, 1 infinite\)"
+    ):
+        quant.quantize({"l": {"kernel": w}})
+    with pytest.raises(ValueError, match=r"nonfinite must be 'raise' or 'zero'"):
+        quant.quantize_array(w, nonfinite="ignore")
+    zeroed = np.asarray(quant.quantize_array(w, nonfinite="zero").dequantize())
+    assert zeroed[3, 5] == 0.0 and zeroed[70, 1] == 0.0
+    clean = np.where(np.isfinite(w), w, 0.0)
+    np.testing.assert_array_equal(zeroed, np.asarray(quant.quantize_array(clean).dequantize()))
+    # traced inputs cannot be checked: the blocks that hold them dequantize to NaN, visibly
+    traced = jax.jit(lambda x: quant.quantize_array(x, double_quant=False))(w)
+    out = np.asarray(traced.dequantize())
+    bad_blocks = {(3 * 64 + 5) // 64, (70 * 64 + 1) // 64}
+    nan_blocks = set(np.flatnonzero(np.isnan(out.reshape(-1, 64)).any(axis=1)).tolist())
+    assert nan_blocks == bad_blocks
+    assert np.isfinite(out.reshape(-1, 64)[[b for b in range(128) if b not in bad_blocks]]).all()

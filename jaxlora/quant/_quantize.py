@@ -44,6 +44,7 @@ def quantize_array(
     block_size: int = 64,
     double_quant: bool = True,
     double_quant_block_size: int = DOUBLE_QUANT_BLOCK_SIZE,
+    nonfinite: str = "raise",
 ) -> QuantizedArray:
     """Quantizes one floating-point array blockwise (absmax per block).
 
@@ -63,13 +64,23 @@ def quantize_array(
             ``double_quant_block_size``).
         double_quant_block_size: block scales per second-level group (256 in the
             paper); the last group may be shorter.
+        nonfinite: what to do with NaN and infinite entries, which no block scale
+            can represent (a NaN would come back finite, an infinity would turn its
+            block, or with double quantization the whole array, into NaN):
+            ``"raise"`` (the default) refuses them with their count; ``"zero"``
+            quantizes them as zeros. The check reads the values; under ``jit``
+            (traced inputs), ``"raise"`` instead marks every block that holds one
+            with a NaN scale, so the damage shows (as NaN) in the dequantized
+            weight rather than hiding in finite codes (with double quantization,
+            in every block of that block's group of scales).
 
     Returns:
         a :class:`QuantizedArray`.
 
     Raises:
         ValueError: for an unknown format or a block size that is not a positive
-            int, does not divide ``x.size`` or is odd for a 4-bit format.
+            int, does not divide ``x.size`` or is odd for a 4-bit format; for
+            non-finite entries of a concrete array with ``nonfinite="raise"``.
         TypeError: if ``x`` is not floating point.
 
     Example:
@@ -96,6 +107,7 @@ def quantize_array(
         block_size=block_size,
         double_quant=double_quant,
         double_quant_block_size=double_quant_block_size,
+        nonfinite=nonfinite,
     )
 
 
@@ -106,6 +118,7 @@ def quantize(
     block_size: int = 64,
     double_quant: bool = True,
     targets: _paths.Targets | None = None,
+    nonfinite: str = "raise",
 ) -> Any:
     """Replaces the targeted weights of a pytree with :class:`QuantizedArray` s.
 
@@ -127,6 +140,8 @@ def quantize(
             regex searched in ``/``-joined paths, a list of them, a preset
             (``"attention"``, ``"mlp"``, ``"all-linear"``) or a predicate
             ``(path, leaf) -> bool``, as in :class:`jaxlora.LoraConfig`.
+        nonfinite: ``"raise"`` (the default) or ``"zero"``: what to do with NaN and
+            infinite weights (see :func:`quantize_array`).
 
     Returns:
         ``tree`` with each targeted leaf's array replaced by a
@@ -134,8 +149,10 @@ def quantize(
 
     Raises:
         ValueError: for an unknown format, a bad block size (the message names
-            the path, its size and block sizes that would work), or targets that
-            match no leaf (the message lists paths that could be targeted).
+            the path, its size and block sizes that would work), targets that
+            match no leaf (the message lists paths that could be targeted), or a
+            weight with NaN or infinite entries (the message names its path and
+            the count) unless ``nonfinite="zero"``.
         TypeError: if ``targets`` match a leaf that is not a floating-point
             array, or ``targets`` has the wrong type.
 
@@ -158,6 +175,7 @@ def quantize(
     """
     _formats.get_format(format)
     _check_block_size_value(block_size, format)
+    _check_nonfinite_option(nonfinite)
     matches = None if targets is None else _paths.target_predicate(targets, None)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     out, candidates, matched = [], [], 0
@@ -188,6 +206,7 @@ def quantize(
             block_size=block_size,
             double_quant=double_quant,
             double_quant_block_size=DOUBLE_QUANT_BLOCK_SIZE,
+            nonfinite=nonfinite,
         )
         out.append(_paths.rebox(leaf, q))
     if not matched:
@@ -307,6 +326,25 @@ def _check_block_size_value(block_size: Any, format: str, what: str = "block_siz
         )
 
 
+def _check_nonfinite_option(nonfinite: Any) -> None:
+    if nonfinite not in ("raise", "zero"):
+        raise ValueError(f"nonfinite must be 'raise' or 'zero'; got {nonfinite!r}")
+
+
+def _check_finite(x: Any, where: str) -> None:
+    if isinstance(x, jax.core.Tracer):
+        return  # no values to check: the quantizer makes non-finite blocks NaN instead
+    bad = int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
+    if bad:
+        n_nan = int(jnp.count_nonzero(jnp.isnan(x)))
+        raise ValueError(
+            f"cannot quantize {where}: {bad} of its {jnp.size(x)} entries are not finite "
+            f"({n_nan} NaN, {bad - n_nan} infinite); no block scale represents them (a NaN "
+            "would come back finite, an infinity would make its block NaN). Fix the weight, "
+            "or pass nonfinite='zero' to quantize them as zeros."
+        )
+
+
 def _divisors_near(size: int, target: int, even: bool) -> list[int]:
     limit = min(size, 4096)
     found = [d for d in range(1, limit + 1) if size % d == 0 and (d % 2 == 0 or not even)]
@@ -321,8 +359,10 @@ def _quantize_leaf(
     block_size: int,
     double_quant: bool,
     double_quant_block_size: int,
+    nonfinite: str,
 ) -> QuantizedArray:
     spec = _formats.get_format(format)
+    _check_nonfinite_option(nonfinite)
     _check_block_size_value(block_size, format)
     if double_quant:
         _check_block_size_value(double_quant_block_size, format, "double_quant_block_size")
@@ -347,6 +387,10 @@ def _quantize_leaf(
             f"block_size={block_size}: {size} % {block_size} = {size % block_size}. Blocks run "
             f"along the flattened weight, so {hint}."
         )
+    if nonfinite == "raise":
+        _check_finite(x, where)
+    else:
+        x = jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
     return _quantize_jit(
         x,
         format=format,
@@ -361,6 +405,8 @@ def _quantize_jit(
 ) -> QuantizedArray:
     spec = _formats.get_format(format)
     blocks = jnp.asarray(x, jnp.float32).reshape(-1, block_size)
+    finite = jnp.all(jnp.isfinite(blocks), axis=1)  # all True unless traced (see nonfinite)
+    blocks = jnp.where(finite[:, None], blocks, 0.0)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     # Multiply by the rounded reciprocal (bitsandbytes' arithmetic, and what XLA
     # would turn a division by a broadcast scale into anyway).
@@ -368,7 +414,7 @@ def _quantize_jit(
     if spec.bits == 4:
         pairs = codes.reshape(-1, 2)
         codes = (pairs[:, 0] << 4) | pairs[:, 1]
-    scales, scale_scales, scale_mean = absmax, None, None
+    scales, scale_scales, scale_mean = jnp.where(finite, absmax, jnp.nan), None, None
     if scale_block_size is not None:
         n_blocks = absmax.shape[0]
         # The mean is a reduction's output, not ``sum * (1/n)``: XLA would duplicate
@@ -382,6 +428,9 @@ def _quantize_jit(
         level2 = _formats.get_format("int8")
         normalized = centered * _reciprocal(scale_scales)[:, None]
         scales = _encode(normalized, level2).reshape(-1)[:n_blocks]
+        pad = n_groups * scale_block_size - n_blocks
+        grouped = jnp.pad(finite, (0, pad), constant_values=True).reshape(n_groups, -1)
+        scale_scales = jnp.where(jnp.all(grouped, axis=1), scale_scales, jnp.nan)
     return QuantizedArray(
         codes=codes,
         scales=scales,

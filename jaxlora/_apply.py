@@ -7,8 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxlora import _engine, _paths
+from jaxlora._checks import check_key
 from jaxlora._merge import check_structure, merge
 from jaxlora._node import is_delta_leaf
 
@@ -41,7 +43,8 @@ def lora_apply(
     With a stacked delta (:func:`jaxlora.stack`), ``wrapped`` takes
     ``adapter_ids=``: one adapter index per example (``-1``: the bare base
     model), and example ``i`` (axis 0 of the activations) is computed with
-    adapter ``adapter_ids[i]``, all in one pass.
+    adapter ``adapter_ids[i]``, all in one pass. An id outside ``[-1, n)``
+    raises; under ``jit`` (a traced id) its example's output is NaN instead.
 
     Args:
         fn: any function whose first argument is the parameter tree, such as a
@@ -84,6 +87,8 @@ def lora_apply(
         **kwargs: Any,
     ) -> Any:
         check_structure(base, delta)
+        if dropout_key is not None:
+            check_key("dropout_key", dropout_key)
         adapter_ids = _check_adapter_ids(delta, adapter_ids, strategy)
         if strategy == "merge":
             if dropout_key is not None:
@@ -135,4 +140,13 @@ def _check_adapter_ids(delta: Any, adapter_ids: Any, strategy: str) -> jax.Array
             f"adapter_ids must be a 1-D integer array (one id per example); got shape "
             f"{ids.shape} and dtype {ids.dtype}"
         )
+    n = min(node.n_adapters for node in nodes)
+    if not isinstance(ids, jax.core.Tracer):
+        bad = np.flatnonzero((np.asarray(ids) < -1) | (np.asarray(ids) >= n))
+        if bad.size:
+            raise ValueError(
+                f"adapter_ids[{int(bad[0])}] = {int(np.asarray(ids)[bad[0]])} is out of range: "
+                f"the delta stacks {n} adapters, so ids run from 0 to {n - 1}, and -1 means "
+                f"the bare base model ({bad.size} id(s) out of range)"
+            )
     return ids

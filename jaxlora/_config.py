@@ -162,12 +162,11 @@ class LoraConfig:
         _check_int("rank", self.rank, minimum=1)
         if self.alpha is not None:
             _check_positive("alpha", self.alpha)
-        if not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1); got {self.dropout!r}")
+        check_unit_interval_open_right("dropout", self.dropout)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}; got {self.init!r}")
-        if not isinstance(self.use_dora, bool):
-            raise TypeError(f"use_dora must be a bool; got {self.use_dora!r}")
+        check_bool("rslora", self.rslora)
+        check_bool("use_dora", self.use_dora)
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if isinstance(self.exclude, list):
@@ -195,8 +194,7 @@ class LoraConfig:
                 object.__setattr__(self, name, types.MappingProxyType(dict(value)))
             else:
                 _check_int(name, value, minimum=minimum)
-        if not jnp.issubdtype(self.dtype, jnp.floating):
-            raise TypeError(f"dtype must be a floating dtype; got {self.dtype!r}")
+        check_float_dtype("dtype", self.dtype)
 
     def __hash__(self) -> int:
         return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self)))
@@ -261,8 +259,38 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0; got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0; got {value}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raises a ``TypeError`` unless ``value`` is a bool (not a truthy string or number)."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"{name} must be True or False; got {value!r} ({type(value).__name__}). A string "
+            f"such as 'False' is truthy: pass {name}=False."
+        )
+
+
+def check_unit_interval_open_right(name: str, value: Any) -> None:
+    """Raises unless ``value`` is a real number (not a bool) in ``[0, 1)``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float in [0, 1); got {value!r} ({type(value).__name__})")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1); got {value!r}")
+
+
+def check_float_dtype(name: str, value: Any) -> None:
+    """Raises a ``TypeError`` unless ``value`` names a floating-point dtype."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise TypeError(
+            f"{name}={value!r} is not a dtype; pass a floating dtype such as jnp.float32 or "
+            "jnp.bfloat16 (or the string 'float32')"
+        ) from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype such as jnp.float32; got {value!r}")
 
 
 def _hashable(value: Any) -> Any:

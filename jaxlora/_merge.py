@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import _paths
-from jaxlora._node import AdapterNode, is_delta_leaf
+from jaxlora._node import AdapterNode, is_delta_leaf, is_node
 from jaxlora.quant import QuantizedArray, quantize_array
 
 __all__ = ["check_structure", "merge", "unmerge"]
@@ -108,9 +108,33 @@ def _apply_delta(base: Any, delta: Any, *, sign: float, requantize: bool = False
 
 
 def check_structure(base: Any, delta: Any) -> None:
-    """Raises a ``ValueError`` naming the first path where ``base`` and ``delta`` differ."""
-    base_paths = [p for p, _ in _paths.leaves_with_paths(base)]
+    """Raises a ``ValueError`` naming the first path where ``base`` and ``delta`` differ.
+
+    Also says so when the two are swapped, when ``delta`` holds no adapter at all
+    (``None``, or the base twice), and when a node's arrays do not fit its layout.
+    """
+    base_nodes = [n for n in jax.tree.leaves(base, is_leaf=is_node) if is_node(n)]
     delta_flat, delta_def = jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_delta_leaf)
+    delta_nodes = [(p, n) for p, n in delta_flat if is_node(n)]
+    if base_nodes and not delta_nodes:
+        raise ValueError(
+            "base holds adapter nodes and delta holds none: base and delta are swapped. "
+            "Pass them in split's order: f(base, delta, ...) with base, delta = "
+            "jaxlora.split(params, config, key=key)."
+        )
+    if not delta_nodes:
+        what = (
+            "None"
+            if delta is None
+            else f"a tree of {len(delta_flat)} leaves, none of them an adapter node"
+        )
+        raise ValueError(
+            f"delta holds no adapter node (got {what}). Pass the second output of "
+            "jaxlora.split as delta: base, delta = jaxlora.split(params, config, key=key)."
+        )
+    for key_path, node in delta_nodes:
+        node.check_shapes(_paths.path_str(key_path))
+    base_paths = [p for p, _ in _paths.leaves_with_paths(base)]
     delta_paths = [_paths.path_str(p) for p, _ in delta_flat]
     if base_paths == delta_paths:
         try:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from jaxlora import _paths
+from jaxlora._checks import check_key
 from jaxlora._config import LoraConfig
 from jaxlora._delta import LoraNode, init_factors
-from jaxlora._node import AdapterNode, node_type
+from jaxlora._node import AdapterNode, is_node, node_type
 from jaxlora._placement import place_node
 from jaxlora.quant import QuantizedArray
 
@@ -40,8 +44,13 @@ def split(params: Any, config: Any, *, key: jax.Array) -> tuple[Any, Any]:
         ValueError: if ``targets`` match no adaptable leaf (the message lists the
             paths that could be targeted), if a rank exceeds ``min(in, out)`` of
             its weight, or if a weight's layout is ambiguous.
-        TypeError: if a targeted leaf is not a floating-point array, or if
-            ``config`` is not a config.
+        TypeError: if a targeted leaf is not a floating-point array, if
+            ``config`` is not a config, if ``key`` is not a PRNG key, or if
+            ``params`` holds adapter nodes (a delta, or ``(base, delta)``).
+
+    Warns:
+        UserWarning: for a ``rank_pattern`` or ``alpha_pattern`` key that matches no
+            adapted path (it would change nothing), naming close paths.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
@@ -54,8 +63,19 @@ def split(params: Any, config: Any, *, key: jax.Array) -> tuple[Any, Any]:
         True
     """
     node_builder = _node_builder(config)
+    check_key("key", key)
     matches = config.matcher()
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_paths.is_box)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: _paths.is_box(x) or is_node(x)
+    )
+    for key_path, leaf in flat:
+        if is_node(leaf):
+            raise TypeError(
+                f"params holds an adapter node ({type(leaf).__name__}) at "
+                f"{jax.tree_util.keystr(key_path)}: it is (or contains) a delta. Split the "
+                "model's original parameters, not split's output: base, delta = "
+                "jaxlora.split(params, config, key=key)."
+            )
     targeted = []  # (index, path, weight)
     candidates = []
     for index, (key_path, leaf) in enumerate(flat):
@@ -80,6 +100,7 @@ def split(params: Any, config: Any, *, key: jax.Array) -> tuple[Any, Any]:
             f"parameter. Adaptable paths look like: {shown or '(none: no float leaf has 2+ axes)'}"
             f"{more}. Pass a regex that matches some of them."
         )
+    _warn_unused_patterns(config, [path for _, path, _ in targeted])
     # Variants that share state across layers (VeRA's projections) see every target first.
     make = node_builder([(path, value) for _, path, value in targeted])
     base_leaves = [leaf for _, leaf in flat]
@@ -91,6 +112,22 @@ def split(params: Any, config: Any, *, key: jax.Array) -> tuple[Any, Any]:
             base_leaves[index] = _paths.rebox(base_leaves[index], new_weight)
         delta_leaves[index] = node
     return treedef.unflatten(base_leaves), treedef.unflatten(delta_leaves)
+
+
+def _warn_unused_patterns(config: Any, paths: list[str]) -> None:
+    """Warns about ``rank_pattern``/``alpha_pattern`` keys that match no adapted path."""
+    for name in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(config, name, {}) or {}:
+            if any(re.search(pattern, p) for p in paths):
+                continue
+            close = difflib.get_close_matches(pattern, paths, n=3, cutoff=0.3)
+            warnings.warn(
+                f"jaxlora: {name} key {pattern!r} matches none of the {len(paths)} adapted "
+                f"paths, so it changes nothing. Adapted paths close to it: "
+                f"{close or paths[:3]}. Patterns are regexes searched in these paths.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _node_builder(config: Any) -> Callable[[list[tuple[str, Any]]], Callable[..., Any]]:

@@ -48,10 +48,32 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert any(p.is_file() for p in (tmp_path / "adapter").rglob("*"))
 
 
-def test_an_existing_adapter_in_out_is_refused_before_training(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--alpha", "inf"], "alpha must be a finite number > 0"),
+        (["--targets", "nothing_matches_this"], None),  # valid config: fails later, not here
+        (["--targets", ","], "names no target"),
+        (["--out", "ADAPTER"], "already exists"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line_before_loading_anything(
+    tmp_path, monkeypatch, capsys, flags, message
+):
     (tmp_path / "adapter").mkdir()
-    with pytest.raises(ValueError, match="already exists"):
-        cli.main(["demo", "--quick", "--out", str(tmp_path)])
+    flags = [str(tmp_path) if f == "ADAPTER" else f for f in flags]
+    loaded = []
+    monkeypatch.setattr(_main, "load_rotten_tomatoes", lambda: loaded.append(1) or ([], []))
+    monkeypatch.setattr(_main, "run_on", lambda *a: 0)
+    code = cli.main(["demo", "--quick", *flags])
+    err = capsys.readouterr().err
+    if message is None:
+        assert code == 0 and loaded
+        return
+    assert code == 2 and not loaded
+    assert err.count("\n") == 1 and err.startswith("jaxlora demo: error: ") and message in err
 
 
 @pytest.mark.parametrize("dora", [False, True])

@@ -202,5 +202,5 @@ def test_pissa_init_with_dora_starts_at_the_base(key):
 
 
 def test_use_dora_must_be_a_bool():
-    with pytest.raises(TypeError, match="use_dora must be a bool"):
+    with pytest.raises(TypeError, match="use_dora must be True or False"):
         jaxlora.LoraConfig(use_dora="yes")

@@ -98,7 +98,7 @@ def test_variant_roles(key, config, fast, slow):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="ratio must be a positive number"):
+    with pytest.raises(ValueError, match="ratio must be a finite positive number"):
         loraplus(optax.adam, 1e-3, ratio=0)
     with pytest.raises(TypeError, match="optimizer_factory must be a callable"):
         loraplus(optax.adam(1e-3), 1e-3)

@@ -24,6 +24,7 @@ LAYERS = {
     "jaxlora._node": 0,
     "jaxlora._delta": 0,
     "jaxlora._placement": 0,
+    "jaxlora._checks": 0,
     "jaxlora.quant": 1,
     "jaxlora._split": 2,
     "jaxlora._merge": 2,

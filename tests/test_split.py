@@ -487,7 +487,7 @@ def test_merge_rejects_wrong_structure_and_shapes(key):
     [
         ({"rank": 0}, ValueError, "rank must be >= 1"),
         ({"rank": 2.5}, TypeError, "rank must be an int"),
-        ({"alpha": -1.0}, ValueError, "alpha must be > 0"),
+        ({"alpha": -1.0}, ValueError, "alpha must be a finite number > 0"),
         ({"dropout": 1.0}, ValueError, r"dropout must be a float in \[0, 1\)"),
         ({"init": "xavier"}, ValueError, "init must be one of"),
         ({"targets": "("}, ValueError, "targets='\\(' is not a valid regular expression"),

@@ -71,6 +71,7 @@ def use_site_call(
 
     avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
     closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(*avals)
+    _check_weights_used(closed.jaxpr, [nodes[i] is not None for i in adapted], flat, adapted)
     inputs = [
         from_quantized(w, _paths.path_str(flat[i][0]))
         if nodes[i] is None
@@ -80,3 +81,22 @@ def use_site_call(
     ctx = Context(strict=strict, warned=warned, dropout_key=dropout_key)
     out = evaluate(closed.jaxpr, closed.consts, inputs, ctx)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+
+def _check_weights_used(jaxpr: Any, has_node: list[bool], flat: list, adapted: list[int]) -> None:
+    """Raises if ``fn`` reads none of the adapted weights: the delta would train nothing."""
+    if not any(has_node):
+        return
+    used = {
+        id(v) for v in [*(v for eqn in jaxpr.eqns for v in eqn.invars), *jaxpr.outvars]
+    }  # ids: literals are unhashable
+    weights = [v for v, node in zip(jaxpr.invars, has_node, strict=True) if node]
+    if not any(id(v) in used for v in weights):
+        paths = [_paths.path_str(flat[i][0]) for i, n in zip(adapted, has_node, strict=True) if n]
+        raise ValueError(
+            f"the function given to lora_apply never reads an adapted weight from its params "
+            f"argument (adapted: {paths[:3]}{' ...' if len(paths) > 3 else ''}), so the "
+            "delta cannot change its output and would train nothing. Make fn(params, ...) "
+            "compute with the params it is given, e.g. lambda params, x: "
+            "model.apply({'params': params}, x), not with variables captured from outside."
+        )

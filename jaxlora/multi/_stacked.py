@@ -83,6 +83,9 @@ class StackedNode(AdapterNode, kind="stacked"):
         a, b = jax.vmap(lambda node: node.factors())(self.inner)
         scales = jnp.asarray(self.scales if self.scales else (self.inner.scale,) * n, jnp.float32)
         scale = jnp.where(on, scales[safe], 0.0)
+        # an id out of [-1, n) (only possible traced; lora_apply checks concrete ids) makes
+        # its example NaN rather than silently another adapter's
+        scale = jnp.where((ids < -1) | (ids >= n), jnp.nan, scale)
         a = a[safe]
         a = a * scale.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
         out_scale = None

@@ -222,8 +222,10 @@ class AdaLoraConfig(TargetsConfig):
             self.orth_reg_weight, bool
         ):
             raise TypeError(f"orth_reg_weight must be a number; got {self.orth_reg_weight!r}")
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be >= 0; got {self.orth_reg_weight}")
+        if not (math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0):
+            raise ValueError(
+                f"orth_reg_weight must be a finite number >= 0; got {self.orth_reg_weight}"
+            )
         if self.alpha is not None:
             check_positive("alpha", self.alpha)
         super().__post_init__()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -72,8 +73,12 @@ def loraplus(
             "optimizer_factory must be a callable learning_rate -> GradientTransformation, "
             f"e.g. optax.adamw; got {optimizer_factory!r}"
         )
-    if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not ratio > 0:
-        raise ValueError(f"ratio must be a positive number; got {ratio!r}")
+    if (
+        not isinstance(ratio, numbers.Real)
+        or isinstance(ratio, bool)
+        or not (math.isfinite(ratio) and ratio > 0)
+    ):
+        raise ValueError(f"ratio must be a finite positive number; got {ratio!r}")
     fast = (lambda step: ratio * lr(step)) if callable(lr) else ratio * lr
     return optax.transforms.partition(
         {"a": optimizer_factory(lr), "b": optimizer_factory(fast), "frozen": optax.set_to_zero()},

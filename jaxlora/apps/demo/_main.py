@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import pathlib
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -138,6 +139,27 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], jaxlora.LoraConfig]:
+    """The checked settings and the LoRA config of ``args``; raises for invalid flags."""
+    s = _settings(args)
+    if args.out is not None and (args.out / "adapter").exists():
+        raise ValueError(
+            f"{args.out / 'adapter'} already exists; pass an --out directory without an "
+            "adapter in it (or omit --out for a new temporary directory)"
+        )
+    targets = [t.strip() for t in s["targets"].split(",") if t.strip()]
+    if not targets:
+        raise ValueError(f"--targets {s['targets']!r} names no target")
+    config = jaxlora.LoraConfig(
+        rank=s["rank"],
+        alpha=s["alpha"],
+        targets=targets[0] if len(targets) == 1 else targets,
+        rslora=args.variant == "rslora",
+        use_dora=args.variant == "dora",
+    )
+    return s, config
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the demo from parsed flags.
 
@@ -146,8 +168,14 @@ def run(args: argparse.Namespace) -> int:
 
     Returns:
         0 when the merged model matches the adapted one and (except with ``--quick``) LoRA
-        beats the frozen-encoder baseline; 1 otherwise.
+        beats the frozen-encoder baseline; 1 otherwise; 2 for invalid flags (checked before
+        any data or model is loaded; the one-line error goes to stderr).
     """
+    try:
+        _prepare(args)
+    except (ValueError, TypeError) as e:
+        print(f"jaxlora demo: error: {e}", file=sys.stderr)
+        return 2
     train, test = load_rotten_tomatoes()
     if args.quick:
         train, test = train[:_QUICK_TRAIN], test[:_QUICK_TEST]
@@ -169,22 +197,9 @@ def run_on(
     Returns:
         The exit code, as :func:`run`.
     """
-    s = _settings(args)
+    s, config = _prepare(args)
     t_start = time.perf_counter()
-    if args.out is not None and (args.out / "adapter").exists():
-        raise ValueError(
-            f"{args.out / 'adapter'} already exists; pass an --out directory without an "
-            "adapter in it (or omit --out for a new temporary directory)"
-        )
     buckets = bucket_lengths(s["max_length"])
-    targets = [t.strip() for t in s["targets"].split(",") if t.strip()]
-    config = jaxlora.LoraConfig(
-        rank=s["rank"],
-        alpha=s["alpha"],
-        targets=targets[0] if len(targets) == 1 else targets,
-        rslora=args.variant == "rslora",
-        use_dora=args.variant == "dora",
-    )
 
     _print("== jaxlora demo: LoRA fine-tuning of all-MiniLM-L6-v2 for sentence sentiment ==")
     model_config, encoder = load_minilm()

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxlora._config import config_type
 from jaxlora._node import AdapterNode, node_type
-from jaxlora.io.peft._format import Module, PeftCodec, host, weight_layout
+from jaxlora.io.peft._format import Module, PeftCodec, check_dropout, host, weight_layout
 
 _SCHEDULE = {  # jaxlora's AdaLoraConfig field -> PEFT's
     "init_rank": "init_r",
@@ -100,7 +100,7 @@ class AdaLoraCodec(PeftCodec):
                 f"'<module>.lora_E' -> a list of init_r={settings['init_r']} booleans"
             )
         settings["rank_pattern"] = dict(pattern)
-        settings.setdefault("lora_dropout", 0.0)
+        check_dropout(settings, "lora_dropout", file)
 
     def read(
         self,

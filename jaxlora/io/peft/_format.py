@@ -294,6 +294,34 @@ def read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+def check_common_settings(settings: dict[str, Any], file: Any) -> None:
+    """Type checks of the fields every PEFT config shares (a damaged or hand-edited file)."""
+    for field in ("target_modules", "exclude_modules"):
+        value = settings.get(field)
+        ok = (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        )
+        if not ok:
+            raise ValueError(
+                f"{file} has {field}={value!r}; PEFT expects a list of module names, a regex "
+                "string or null"
+            )
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(f"{file} has {field}={value!r}, not a valid regex ({e})") from None
+
+
+def check_dropout(settings: dict[str, Any], field: str, file: Any) -> None:
+    """``settings[field]`` (filled with 0.0) must be a number in ``[0, 1)``."""
+    value = settings.setdefault(field, 0.0)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{file} has {field}={value!r}; it must be a number in [0, 1)")
+
+
 def invert(key_map: KeyMap, flat: list[tuple[Any, Any]]) -> dict[str, Target]:
     """``{PEFT module: Target}`` for every float weight of base with 2+ axes that the map names."""
     targets: dict[str, Target] = {}

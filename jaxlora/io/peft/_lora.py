@@ -31,6 +31,7 @@ from jaxlora._node import AdapterNode, Constant, node_type
 from jaxlora.io.peft._format import (
     Module,
     PeftCodec,
+    check_dropout,
     host,
     most_common,
     pattern_value,
@@ -120,7 +121,7 @@ class LoraCodec(PeftCodec):
         settings["rank_pattern"] = settings.get("rank_pattern") or {}
         settings["alpha_pattern"] = settings.get("alpha_pattern") or {}
         settings.setdefault("use_rslora", False)
-        settings.setdefault("lora_dropout", 0.0)
+        check_dropout(settings, "lora_dropout", file)
         _check_types(settings, file)
 
     def read(

@@ -20,6 +20,7 @@ from jaxlora.io.peft._format import (
     WEIGHTS_NAME,
     PeftCodec,
     Target,
+    check_common_settings,
     codecs,
     float_tensor,
     invert,
@@ -104,6 +105,7 @@ def load_peft(
     directory = pathlib.Path(directory)
     settings = read_json(directory)
     codec = _codec_for(settings)
+    check_common_settings(settings, settings["file"])
     codec.check_settings(settings, settings["file"])
     tensors = read_tensors(directory)
     file = directory / WEIGHTS_NAME
@@ -134,7 +136,14 @@ def load_peft(
         adapted[path] = (node, info)
     if not adapted:
         raise ValueError(f"{file} holds no adapter tensor; it is not an adapter file")
-    return treedef.unflatten(leaves), codec.config(adapted, settings, config)
+    try:
+        out_config = codec.config(adapted, settings, config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{settings['file']} holds settings jaxlora cannot turn into a config "
+            f"({type(e).__name__}: {e}); the file is damaged or was edited"
+        ) from None
+    return treedef.unflatten(leaves), out_config
 
 
 def _codec_for(settings: dict[str, Any]) -> PeftCodec:

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxlora._config import config_type
 from jaxlora._node import AdapterNode, Constant, node_type
-from jaxlora.io.peft._format import Module, PeftCodec, host, weight_layout
+from jaxlora.io.peft._format import Module, PeftCodec, check_dropout, host, weight_layout
 
 _SUFFIXES = {".vera_lambda_b": "b", ".vera_lambda_d": "d"}
 
@@ -82,8 +82,10 @@ class VeraCodec(PeftCodec):
                 "PyTorch's random generator, which JAX cannot reproduce. Save the adapter with "
                 "save_projection=True"
             )
-        settings.setdefault("d_initial", 0.1)
-        settings.setdefault("vera_dropout", 0.0)
+        d_initial = settings.setdefault("d_initial", 0.1)
+        if not isinstance(d_initial, int | float) or isinstance(d_initial, bool):
+            raise ValueError(f"{file} has d_initial={d_initial!r}; it must be a number")
+        check_dropout(settings, "vera_dropout", file)
 
     def read(
         self,

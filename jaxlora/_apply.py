@@ -59,6 +59,7 @@ def lora_apply(
         sharded arrays.
 
     Raises:
+        TypeError: if ``fn`` is not callable.
         ValueError: for an unknown strategy; when called, if ``base`` and
             ``delta`` do not match, or if a dropout key is given to the merge
             strategy.
@@ -73,6 +74,12 @@ def lora_apply(
         >>> bool(jnp.allclose(jax.jit(f)(base, delta, x), x @ params["w"]))
         True
     """
+    if not callable(fn):
+        raise TypeError(
+            f"lora_apply wraps a function fn(params, *args); got {fn!r:.60} "
+            f"({type(fn).__name__}). Pass e.g. "
+            "lambda params, x: model.apply({'params': params}, x)"
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
     warned: set[tuple[str, str]] = set()

@@ -118,7 +118,7 @@ def adapter_nbytes(delta: Any) -> int:
     """
     return sum(
         int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize
-        for node in _nodes_of(delta)
+        for node in _delta_nodes(delta, "adapter_nbytes")
         for x in node.arrays().values()
     )
 
@@ -136,6 +136,7 @@ def summary(delta: Any) -> str:
         dense/kernel  (10, 6)     2   2.00      32
         1 adapted weight, 32 trainable parameters
     """
+    _delta_nodes(delta, "summary")
     rows = []
     for key_path, node in jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_node)[0]:
         if not is_node(node):
@@ -178,6 +179,16 @@ def _scale_text(node: AdapterNode) -> str:
 
 def _nodes_of(tree: Any) -> list[AdapterNode]:
     return [x for x in jax.tree.leaves(tree, is_leaf=is_node) if is_node(x)]
+
+
+def _delta_nodes(delta: Any, what: str) -> list[AdapterNode]:
+    nodes = _nodes_of(delta)
+    if not nodes:
+        raise ValueError(
+            f"{what} got a tree that holds no adapter node ({type(delta).__name__}); pass a "
+            "delta, the second output of jaxlora.split"
+        )
+    return nodes
 
 
 def _holds_nodes(tree: Any) -> bool:

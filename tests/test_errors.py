@@ -147,6 +147,11 @@ def test_lora_apply_rejects_bad_keys_ids_and_functions_that_ignore_params(split)
 
 def test_counts_and_many_adapter_tools(split):
     _, _, base, delta = split
+    for fn in (jaxlora.summary, jaxlora.adapter_nbytes):
+        with pytest.raises(ValueError, match="holds no adapter node"):
+            fn(base)
+    with pytest.raises(TypeError, match="lora_apply wraps a function"):
+        jaxlora.lora_apply(3)
     with pytest.raises(ValueError, match="arguments are swapped"):
         jaxlora.count_parameters(delta, base)
     with pytest.raises(TypeError, match=r"rank must be an int; got 2.0"):

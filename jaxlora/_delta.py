@@ -62,20 +62,6 @@ class LoraNode(AdapterNode, kind="lora"):
         """``(a, b)``."""
         return self.a, self.b
 
-    def fold_scale(self) -> LoraNode:
-        """The same adapter with scale 1: ``b`` becomes ``scale · b`` (rounded to ``b``'s dtype)."""
-        if self.scale == 1.0:
-            return self
-        b = (jnp.float32(self.scale) * self.b.astype(jnp.float32)).astype(self.b.dtype)
-        return dataclasses.replace(self, b=b, scale=1.0)
-
-    def pad_rank(self, rank: int) -> LoraNode:
-        """The same adapter at rank ``rank``: zero columns of ``a``, zero rows of ``b``."""
-        extra = rank - self.rank
-        a = jnp.pad(self.a, [(0, 0)] * (self.a.ndim - 1) + [(0, extra)])
-        b = jnp.pad(self.b, [(0, 0)] * (self.b.ndim - 2) + [(0, extra), (0, 0)])
-        return dataclasses.replace(self, a=a, b=b)
-
 
 def init_factors(
     key: jax.Array,

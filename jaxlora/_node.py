@@ -241,12 +241,34 @@ class AdapterNode:
         return dataclasses.replace(self, scale=float(scale))  # type: ignore[call-arg]
 
     def fold_scale(self) -> AdapterNode:
-        """An equivalent node of scale 1: the scale multiplied into the output-side factor."""
-        raise TypeError(f"{type(self).__name__} cannot fold its scale into a factor")
+        """An equivalent node of scale 1: the scale multiplied into :attr:`output_factor`.
+
+        The product is rounded to that factor's dtype once (exact for a power of two).
+        """
+        if self.scale == 1.0:
+            return self
+        factor = getattr(self, self.output_factor)
+        folded = (jnp.float32(self.scale) * factor.astype(jnp.float32)).astype(factor.dtype)
+        return dataclasses.replace(self, **{self.output_factor: folded, "scale": 1.0})  # type: ignore[call-arg]
 
     def pad_rank(self, rank: int) -> AdapterNode:
-        """An equivalent node of rank ``rank`` (zero rank components added)."""
-        raise TypeError(f"{type(self).__name__} adapters cannot be padded to another rank")
+        """An equivalent node of rank ``rank``: zeros along every ``"rank"`` axis of its arrays.
+
+        Exact whenever a zero rank component contributes nothing, as for LoRA
+        (new columns of ``a`` meet zero rows of ``b``), DoRA (the direction is
+        unchanged, so are the norms) and AdaLoRA (``E = 0`` is a pruned triplet).
+        """
+        extra = rank - self.rank
+        updates = {}
+        for name in self.trainable_fields():
+            value = getattr(self, name)
+            n_stacked = value.ndim - len(self.axes[name])
+            widths = [(0, 0)] * value.ndim
+            for k, role in enumerate(self.axes[name]):
+                if role == "rank":
+                    widths[n_stacked + k] = (0, extra)
+            updates[name] = jnp.pad(value, widths)
+        return dataclasses.replace(self, **updates)  # type: ignore[call-arg]
 
     def layer(self, index: tuple[int, ...]) -> AdapterNode:
         """The adapter of one stacked layer (``index`` into the leading stacked axes)."""

@@ -122,21 +122,6 @@ class AdaLoraNode(AdapterNode, kind="adalora"):
         """``(P · E, Q)``."""
         return self.p * self.e[..., None, :], self.q
 
-    def fold_scale(self) -> AdaLoraNode:
-        """The same adapter with scale 1 (``Q`` becomes ``scale · Q``)."""
-        if self.scale == 1.0:
-            return self
-        q = (jnp.float32(self.scale) * self.q.astype(jnp.float32)).astype(self.q.dtype)
-        return dataclasses.replace(self, q=q, scale=1.0)
-
-    def pad_rank(self, rank: int) -> AdaLoraNode:
-        """The same adapter with ``rank`` triplets: the new ones are pruned (``E = 0``)."""
-        extra = rank - self.rank
-        p = jnp.pad(self.p, [(0, 0)] * (self.p.ndim - 1) + [(0, extra)])
-        e = jnp.pad(self.e, [(0, 0)] * (self.e.ndim - 1) + [(0, extra)])
-        q = jnp.pad(self.q, [(0, 0)] * (self.q.ndim - 2) + [(0, extra), (0, 0)])
-        return dataclasses.replace(self, p=p, e=e, q=q)
-
 
 @register_config("adalora")
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -149,20 +149,6 @@ class DoraNode(AdapterNode, kind="dora"):
         """``(a, b)``: the direction's low-rank delta is ``scale · a @ b``."""
         return self.a, self.b
 
-    def fold_scale(self) -> DoraNode:
-        """The same adapter with scale 1 (``b`` becomes ``scale · b``; ``m`` is unchanged)."""
-        if self.scale == 1.0:
-            return self
-        b = (jnp.float32(self.scale) * self.b.astype(jnp.float32)).astype(self.b.dtype)
-        return dataclasses.replace(self, b=b, scale=1.0)
-
-    def pad_rank(self, rank: int) -> DoraNode:
-        """The same adapter at rank ``rank`` (zero rank components; the norms are unchanged)."""
-        extra = rank - self.rank
-        a = jnp.pad(self.a, [(0, 0)] * (self.a.ndim - 1) + [(0, extra)])
-        b = jnp.pad(self.b, [(0, 0)] * (self.b.ndim - 2) + [(0, extra), (0, 0)])
-        return dataclasses.replace(self, a=a, b=b)
-
     def weight_norm(self, weight: jax.Array) -> jax.Array:
         """``||W_:j + s·(a@b)_:j||`` per output unit, ``(*stacked, n_out)``, without ``W + s·a@b``.
 

@@ -17,6 +17,7 @@ from jaxlora import _paths
 from jaxlora._node import AdapterNode, Constant, is_delta_leaf, is_node, node_type
 from jaxlora._placement import node_shardings
 from jaxlora.io.checkpoint import _codec, _directory
+from jaxlora.io.checkpoint._codec import describe
 from jaxlora.io.checkpoint._directory import ARRAYS, CONSTANTS, METADATA
 from jaxlora.quant import is_quantized
 
@@ -259,7 +260,7 @@ def _check_against_base(
             "trained on, or load without base and rename the paths."
         )
     weight = weights[where]
-    found = tuple(weight.shape) if hasattr(weight, "shape") else _describe(weight)
+    found = tuple(weight.shape) if hasattr(weight, "shape") else describe(weight)
     if found != expected:
         raise ValueError(
             f"the checkpoint {str(path)!r} has an adapter at {where!r} for a weight of shape "
@@ -339,12 +340,6 @@ def _nested_dict(entries: list[dict[str, Any]], holes: list[list[Any]], nodes: d
             here = here.setdefault(k, {})
         here[keys[-1]] = value
     return tree
-
-
-def _describe(x: Any) -> str:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return f"a {type(x).__name__} ({x!r:.40})"
 
 
 def _orbax_restore(path: pathlib.Path, targets: Any) -> Any:

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jaxlora import _paths
 from jaxlora._node import Constant, is_delta_leaf, is_node
 from jaxlora.io.checkpoint import _codec, _directory
+from jaxlora.io.checkpoint._codec import describe
 from jaxlora.io.checkpoint._directory import ARRAYS, CONSTANTS
 
 
@@ -134,7 +135,7 @@ def _entries(
             continue
         if not is_node(node):
             raise TypeError(
-                f"delta holds {_describe(node)} at {jax.tree_util.keystr(key_path)}; a delta has "
+                f"delta holds {describe(node)} at {jax.tree_util.keystr(key_path)}; a delta has "
                 "adapter-node leaves and None holes. Pass the second output of jaxlora.split "
                 "(base, delta = jaxlora.split(params, config, key=key))."
             )
@@ -182,12 +183,6 @@ def _key_component(key: Any) -> int | str:
             value = getattr(key, attr)
             return value if isinstance(value, int | str) else str(value)
     return str(key)
-
-
-def _describe(x: Any) -> str:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return f"a {type(x).__name__} ({x!r:.40})"
 
 
 def _orbax_save(path: pathlib.Path, tree: Any) -> None:

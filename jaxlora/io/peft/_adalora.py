@@ -13,7 +13,6 @@ ones zero, the state jaxlora trains in. Files are written with every triplet
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +22,14 @@ import numpy as np
 
 from jaxlora._config import config_type
 from jaxlora._node import AdapterNode, node_type
-from jaxlora.io.peft._format import Module, PeftCodec, check_dropout, host, weight_layout
+from jaxlora.io.peft._format import (
+    Module,
+    PeftCodec,
+    check_dropout,
+    config_options,
+    host,
+    weight_layout,
+)
 
 _SCHEDULE = {  # jaxlora's AdaLoraConfig field -> PEFT's
     "init_rank": "init_r",
@@ -163,34 +169,15 @@ class AdaLoraCodec(PeftCodec):
     def config(
         self, adapted: Mapping[str, tuple[AdapterNode, dict[str, Any]]], settings: Any, config: Any
     ) -> Any:
-        exact = {path: f"^{re.escape(path)}$" for path in adapted}
-        nodes = {p: n for p, (n, _) in adapted.items()}
+        exact, options = config_options(
+            adapted, config, dtype_field="p", dropout=float(settings["lora_dropout"])
+        )
         alpha = next(iter(adapted.values()))[1]["alpha"]
-        if config is None:
-            stacked = {
-                exact[p]: len(n.layout.stacked) for p, n in nodes.items() if n.layout.stacked
-            }
-            inputs = {exact[p]: len(n.layout.inputs) for p, n in nodes.items()
-                      if len(n.layout.inputs) != 1}  # fmt: skip
-            options: dict[str, Any] = {
-                "stacked_axes": stacked or None,
-                "input_axes": inputs or None,
-            }
-            dtype = jnp.result_type(*(n.p.dtype for n in nodes.values()))
-            dropout = float(settings["lora_dropout"])
-        else:
-            options = {"stacked_axes": config.stacked_axes, "input_axes": config.input_axes}
-            dtype, dropout = config.dtype, config.dropout
         defaults = {"target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85,
                     "beta2": 0.85, "orth_reg_weight": 0.5}  # PEFT's  # fmt: skip
         schedule = {
             ours: settings.get(peft, defaults.get(peft)) for ours, peft in _SCHEDULE.items()
         }
         return config_type("adalora")(
-            **schedule,
-            alpha=alpha,
-            targets=tuple(exact.values()),
-            dropout=dropout,
-            dtype=dtype,
-            **options,
+            **schedule, alpha=alpha, targets=tuple(exact.values()), **options
         )

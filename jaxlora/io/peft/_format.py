@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
@@ -429,6 +430,36 @@ def _infer_layout(shape: tuple[int, ...], n_stacked: int, n_in: int) -> _paths.L
         if math.prod(shape[n_stacked : n_stacked + n_inputs]) == n_in:
             return _paths.read_layout("", shape, n_stacked, n_inputs)
     return None
+
+
+def config_options(
+    adapted: Mapping[str, Any], config: Any, *, dtype_field: str, dropout: float
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(exact targets, shared config fields)`` for the config of a read adapter.
+
+    The targets are the adapted paths as anchored regexes. The fields are the
+    layout options (``stacked_axes``/``input_axes`` as the nodes read them, or
+    ``config``'s), ``dtype`` (of each node's ``dtype_field`` array, or
+    ``config``'s) and ``dropout`` (the file's, or ``config``'s).
+    """
+    exact = {path: f"^{re.escape(path)}$" for path in adapted}
+    nodes = {p: n for p, (n, _) in adapted.items()}
+    if config is not None:
+        return exact, {
+            "stacked_axes": config.stacked_axes,
+            "input_axes": config.input_axes,
+            "dtype": config.dtype,
+            "dropout": config.dropout,
+        }
+    stacked = {exact[p]: len(n.layout.stacked) for p, n in nodes.items() if n.layout.stacked}
+    inputs = {exact[p]: len(n.layout.inputs) for p, n in nodes.items() if len(n.layout.inputs) != 1}
+    dtypes = [getattr(n, dtype_field).dtype for n in nodes.values()]
+    return exact, {
+        "stacked_axes": stacked or None,
+        "input_axes": inputs or None,
+        "dtype": jnp.result_type(*dtypes),
+        "dropout": dropout,
+    }
 
 
 def layer_of(x: Any, index: tuple[int, ...]) -> Any:

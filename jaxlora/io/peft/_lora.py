@@ -32,6 +32,7 @@ from jaxlora.io.peft._format import (
     Module,
     PeftCodec,
     check_dropout,
+    config_options,
     host,
     most_common,
     pattern_value,
@@ -227,37 +228,22 @@ class LoraCodec(PeftCodec):
     def config(
         self, adapted: Mapping[str, tuple[AdapterNode, dict[str, Any]]], settings: Any, config: Any
     ) -> LoraConfig:
-        exact = {path: f"^{re.escape(path)}$" for path in adapted}
+        exact, options = config_options(
+            adapted, config, dtype_field="a", dropout=float(settings["lora_dropout"])
+        )
         ranks = {p: n.rank for p, (n, _) in adapted.items()}
         alphas = {p: info["alpha"] for p, (_, info) in adapted.items()}
         rank = most_common(ranks.values())
         alpha = most_common(alphas.values())
-        nodes = [n for n, _ in adapted.values()]
-        if config is None:
-            layouts = {p: n.layout for p, n in zip(adapted, nodes, strict=True)}
-            stacked = {exact[p]: len(lay.stacked) for p, lay in layouts.items() if lay.stacked}
-            inputs = {exact[p]: len(lay.inputs) for p, lay in layouts.items()
-                      if len(lay.inputs) != 1}  # fmt: skip
-            options: dict[str, Any] = {
-                "stacked_axes": stacked or None,
-                "input_axes": inputs or None,
-            }
-            dtype = jnp.result_type(*(n.a.dtype for n in nodes))
-            init, dropout = "gaussian", float(settings["lora_dropout"])
-        else:
-            options = {"stacked_axes": config.stacked_axes, "input_axes": config.input_axes}
-            dtype, init, dropout = config.dtype, config.init, config.dropout
         return LoraConfig(
             rank=int(rank),
             alpha=alpha,
             targets=tuple(exact.values()),
-            dropout=dropout,
-            init=init,
+            init="gaussian" if config is None else config.init,
             rslora=bool(settings["use_rslora"]),
             use_dora=self.dora,
             rank_pattern={exact[p]: r for p, r in ranks.items() if r != rank},
             alpha_pattern={exact[p]: a for p, a in alphas.items() if a != alpha},
-            dtype=dtype,
             **options,
         )
 

@@ -12,7 +12,6 @@ with the projections in them (jaxlora then keeps them as constants).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,14 @@ import numpy as np
 
 from jaxlora._config import config_type
 from jaxlora._node import AdapterNode, Constant, node_type
-from jaxlora.io.peft._format import Module, PeftCodec, check_dropout, host, weight_layout
+from jaxlora.io.peft._format import (
+    Module,
+    PeftCodec,
+    check_dropout,
+    config_options,
+    host,
+    weight_layout,
+)
 
 _SUFFIXES = {".vera_lambda_b": "b", ".vera_lambda_d": "d"}
 
@@ -160,29 +166,13 @@ class VeraCodec(PeftCodec):
     def config(
         self, adapted: Mapping[str, tuple[AdapterNode, dict[str, Any]]], settings: Any, config: Any
     ) -> Any:
-        exact = {path: f"^{re.escape(path)}$" for path in adapted}
-        nodes = {p: n for p, (n, _) in adapted.items()}
-        if config is None:
-            stacked = {
-                exact[p]: len(n.layout.stacked) for p, n in nodes.items() if n.layout.stacked
-            }
-            inputs = {exact[p]: len(n.layout.inputs) for p, n in nodes.items()
-                      if len(n.layout.inputs) != 1}  # fmt: skip
-            options: dict[str, Any] = {
-                "stacked_axes": stacked or None,
-                "input_axes": inputs or None,
-            }
-            dtype = jnp.result_type(*(n.d.dtype for n in nodes.values()))
-            dropout = float(settings["vera_dropout"])
-        else:
-            options = {"stacked_axes": config.stacked_axes, "input_axes": config.input_axes}
-            dtype, dropout = config.dtype, config.dropout
+        exact, options = config_options(
+            adapted, config, dtype_field="d", dropout=float(settings["vera_dropout"])
+        )
         return config_type("vera")(
             rank=int(settings["r"]),
             d_initial=float(settings["d_initial"]),
             projection_key=int(settings["projection_prng_key"]),
             targets=tuple(exact.values()),
-            dropout=dropout,
-            dtype=dtype,
             **options,
         )

@@ -1,10 +1,10 @@
 """Root test configuration, loaded by pytest before any test module or doctest.
 
 The whole suite (``tests/`` and the doctests in ``jaxlora/``) runs on 8
-simulated CPU devices, with XLA's memory-minimizing CPU scheduler, so that sharding tests can build real meshes on one
-machine. XLA reads ``XLA_FLAGS`` when JAX starts its backend, so the flag is
-set here, before anything imports JAX; flags already in the environment are
-kept.
+simulated CPU devices, with XLA's memory-minimizing CPU scheduler, so that
+sharding tests can build real meshes on one machine. XLA reads ``XLA_FLAGS``
+when JAX starts its backend, so the flag is set here, before anything imports
+JAX; flags already in the environment are kept.
 """
 
 import os
@@ -24,5 +24,5 @@ _MEMORY_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 if _MEMORY_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_MEMORY_FLAG}".strip()
 
-# Fixtures shared by several test modules (the tiny PyTorch BERT of the PEFT tests).
-pytest_plugins = ["tests.peft_fixtures"]
+# Fixtures and references shared by several test modules (tests/fixtures.py).
+pytest_plugins = ["tests.fixtures"]

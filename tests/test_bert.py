@@ -17,6 +17,7 @@ from jaxlora.models.minilm import (
     load_minilm,
     load_tokenizer,
 )
+from tests.fixtures import hf_bert_config
 
 TINY = BertConfig(
     vocab_size=40, hidden_size=12, num_layers=2, num_heads=3, intermediate_size=20, max_position=10
@@ -366,19 +367,7 @@ def _torch_reference(config: BertConfig, weights: pathlib.Path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    hf_config = transformers.BertConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position,
-        type_vocab_size=config.type_vocab_size,
-        layer_norm_eps=config.layer_norm_eps,
-        hidden_act="gelu",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    hf_config = hf_bert_config(transformers, config)
     model = transformers.BertModel(hf_config, add_pooling_layer=False).eval()
     state = safetensors_torch.load_file(str(weights))
     result = model.load_state_dict(state, strict=False)

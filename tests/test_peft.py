@@ -25,7 +25,7 @@ from jaxlora.io import peft
 from jaxlora.io.peft import BERT_KEY_MAP, LLAMA_KEY_MAP, KeyMap
 from jaxlora.io.peft._format import pattern_value
 from jaxlora.models.llama import Llama, LlamaConfig
-from tests.peft_fixtures import assert_adapted, peft_warnings
+from tests.fixtures import assert_adapted, hf_llama_config, peft_warnings
 
 # Non-square on purpose: k/v project 64 -> 32 (GQA) and the MLP 64 <-> 128, so a swapped or
 # untransposed lora_A/lora_B cannot pass.
@@ -527,17 +527,7 @@ def dense(params):
 @pytest.fixture(scope="module")
 def llama(torch_libs):
     torch, transformers, _ = torch_libs
-    hf_config = transformers.LlamaConfig(
-        vocab_size=LLAMA.vocab_size,
-        hidden_size=LLAMA.d_model,
-        num_hidden_layers=LLAMA.n_layers,
-        num_attention_heads=LLAMA.n_heads,
-        num_key_value_heads=LLAMA.n_kv_heads,
-        intermediate_size=LLAMA.d_ff,
-        max_position_embeddings=LLAMA.max_len,
-        rms_norm_eps=LLAMA.norm_eps,
-        tie_word_embeddings=False,
-    )
+    hf_config = hf_llama_config(transformers, LLAMA, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_config).eval()
     params = llama_from_hf({k: v.numpy() for k, v in model.state_dict().items()})

@@ -20,7 +20,7 @@ import jaxlora
 from jaxlora.io import peft
 from jaxlora.io.peft import BERT_KEY_MAP
 from jaxlora.variants import AdaLoraConfig, VeraConfig
-from tests.peft_fixtures import assert_adapted, peft_warnings
+from tests.fixtures import assert_adapted, peft_warnings
 
 TARGETS = ["query", "value", "intermediate/dense"]
 PEFT_TARGETS = ["query", "value", "intermediate.dense"]

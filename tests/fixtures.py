@@ -1,7 +1,8 @@
-"""PyTorch-side references shared by the PEFT tests: the tiny BERT on both sides.
+"""Fixtures and PyTorch-side references shared by several test modules.
 
-A pytest plugin of the suite (the root ``conftest.py`` loads it), so its fixtures
-are defined once for ``test_peft.py`` and ``test_peft_variants.py``.
+A pytest plugin of the suite (the root ``conftest.py`` loads it), so each is
+defined once: the tiny BERT built on both sides (PEFT tests), and the
+``transformers`` configs that mirror jaxlora's BERT and Llama configs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,40 @@ BERT = bert.BertConfig(
     vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position=16
 )
 RTOL, ATOL = 1e-4, 1e-5
+
+
+def hf_bert_config(transformers, config: bert.BertConfig):
+    """The ``transformers.BertConfig`` of jaxlora's :class:`~jaxlora.models.bert.BertConfig`."""
+    return transformers.BertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position,
+        type_vocab_size=config.type_vocab_size,
+        layer_norm_eps=config.layer_norm_eps,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def hf_llama_config(transformers, config, **overrides):
+    """The ``transformers.LlamaConfig`` of jaxlora's :class:`~jaxlora.models.llama.LlamaConfig`."""
+    fields = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        intermediate_size=config.d_ff,
+        max_position_embeddings=config.max_len,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_embeddings,
+    )
+    return transformers.LlamaConfig(**{**fields, **overrides})
 
 
 @contextlib.contextmanager
@@ -42,19 +77,7 @@ def torch_libs():
 @pytest.fixture(scope="module")
 def bert_model(torch_libs):
     torch, transformers, _ = torch_libs
-    hf_config = transformers.BertConfig(
-        vocab_size=BERT.vocab_size,
-        hidden_size=BERT.hidden_size,
-        num_hidden_layers=BERT.num_layers,
-        num_attention_heads=BERT.num_heads,
-        intermediate_size=BERT.intermediate_size,
-        max_position_embeddings=BERT.max_position,
-        type_vocab_size=BERT.type_vocab_size,
-        layer_norm_eps=BERT.layer_norm_eps,
-        hidden_act="gelu",
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    hf_config = hf_bert_config(transformers, BERT)
     torch.manual_seed(1)
     model = transformers.BertModel(hf_config, add_pooling_layer=False).eval()
     params = minilm.convert_hf_state_dict(

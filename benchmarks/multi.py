@@ -10,10 +10,18 @@ LoRA r = 8 on all linear layers, batch 16 x 128, float32, forward pass.
   shapes (no recompilation: the jit cache keeps one entry) vs compiling for a
   new shape.
 
-Run: ``python benchmarks/multi.py [--rounds 10]``
+``--quick``: ``LlamaConfig.tiny`` (d_model 64, 2 layers), batch 16 x 32, 2 rounds.
+
+Run: ``python -m benchmarks.multi [--rounds 10] [--quick]``
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:  # run as ``python benchmarks/multi.py``: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
 import time
@@ -22,14 +30,16 @@ import jax
 import jax.numpy as jnp
 
 import jaxlora
-from benchmarks.speed import interleaved, small_llama
+from benchmarks._common import interleaved, parse_args, small_llama
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
-    args = parser.parse_args()
-    model, tokens, params = small_llama(16)
+    parser.add_argument("--seq", type=int, default=128)
+    args = parse_args(parser, rounds=2, seq=32)
+    model, tokens, params = small_llama(16, args.seq, quick=args.quick)
+    cfg = model.config
     key = jax.random.key(0)
     config = jaxlora.LoraConfig(rank=8, targets="all-linear", stacked_axes=1)
     deltas = []
@@ -50,10 +60,11 @@ def main() -> None:
             "1 adapter (plain)": lambda: single(base, deltas[0], tokens),
         },
         args.rounds,
+        desc="forwards",
     )
     print(
-        f"Llama d_model 512, 4 layers, batch 16x128, {jax.devices()[0].platform}, "
-        f"{args.rounds} interleaved rounds, median"
+        f"Llama d_model {cfg.d_model}, {cfg.n_layers} layers, batch 16x{args.seq}, "
+        f"{jax.devices()[0].platform}, {args.rounds} interleaved rounds, median"
     )
     print(f"{'forward':34} {'ms':>8} {'throughput vs 1 adapter':>24}")
     for name in times:

@@ -103,11 +103,23 @@ every ratio that does not favour jaxlora:
   attention measures 265 MiB); (3) the rest, ~14 MiB, is MLP intermediates
   XLA keeps and the slack between a plan and a resident set.
 
-Run: ``python -m benchmarks.peers [--rounds 5] [--no-rss] [--no-torch] [--no-qlora]``
+Peers that are not installed are skipped, with a note: Qwix (the ``bench``
+extra) and PEFT (torch, transformers and peft: the ``interop`` extra).
+
+``--quick``: ``LlamaConfig.tiny`` shapes (d_model 64, 4 heads, 2 KV heads) with
+1 layer, batch 2 x 32, 2 rounds; every row, the RSS ones included.
+
+Run: ``python -m benchmarks.peers [--rounds 5] [--no-rss] [--no-torch] [--no-qlora] [--quick]``
 (~5 minutes on 2 loaded cores with the defaults).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+
+if not __package__:  # run as ``python benchmarks/peers.py``: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxlora import memory as _memory
 
@@ -118,11 +130,9 @@ import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
@@ -134,8 +144,15 @@ import optax  # noqa: E402
 from flax import nnx, traverse_util  # noqa: E402
 
 import jaxlora  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    abstract_llama,
+    installed,
+    interleaved,
+    lm_loss,
+    parse_args,
+)
 from benchmarks._peer_models import hf_from_linen, hf_llama, nnx_from_linen  # noqa: E402
-from benchmarks.speed import interleaved  # noqa: E402
+from jaxlora.apps.progress import progress  # noqa: E402
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss  # noqa: E402
 
 MIB = 2**20
@@ -147,7 +164,9 @@ QWIX_MODULES = r".*self_attn/(q|k|v|o)_proj"
 HF_TARGETS = [f"{p}_proj" for p in PROJ]
 
 
-def model_config(seq: int) -> LlamaConfig:
+def model_config(seq: int, *, quick: bool = False) -> LlamaConfig:
+    if quick:
+        return LlamaConfig.tiny(n_layers=1, max_len=seq)
     return LlamaConfig(vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_ff=1408, max_len=seq)
 
 
@@ -236,7 +255,9 @@ class JaxMethod:
         return run
 
 
-def build_jax_methods(cfg, params, tokens, adapters, key, *, qlora: bool) -> list[JaxMethod]:
+def build_jax_methods(
+    cfg, params, tokens, adapters, key, *, qlora: bool, qwix: bool
+) -> list[JaxMethod]:
     model = Llama(cfg)
     adam = optax.adam(LR)
     lcfg = jaxlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, init="kaiming")
@@ -245,9 +266,8 @@ def build_jax_methods(cfg, params, tokens, adapters, key, *, qlora: bool) -> lis
     # jaxlora on the linen model.
     base, delta = jaxlora.split(params, lcfg, key=key)
     delta = fill_delta(delta, adapters)
-    linen_loss = lambda p, t: causal_lm_loss(model.apply({"params": p}, t), t)
     tx = _memory.lora_optimizer(adam, delta)
-    step = _memory.lora_step(linen_loss, tx)
+    step = _memory.lora_step(lm_loss(model), tx)
     jl_step = lambda train, opt, frozen, t: step(train, opt, frozen, t)
     count = jaxlora.count_parameters(base, delta).trainable
     methods.append(
@@ -321,9 +341,18 @@ def build_jax_methods(cfg, params, tokens, adapters, key, *, qlora: bool) -> lis
         )
     )
 
-    # Qwix on the linen model, LoRA and QLoRA.
+    if qwix:
+        methods += qwix_methods(model, params, tokens, adapters, key, qlora=qlora)
+    order = ["jaxlora", "jaxlora (NNX model)", "nnx.LoRA", "Qwix", "jaxlora QLoRA", "Qwix QLoRA"]
+    return sorted(methods, key=lambda m: order.index(m.name))
+
+
+def qwix_methods(model, params, tokens, adapters, key, *, qlora: bool) -> list[JaxMethod]:
+    """Qwix on the linen model, LoRA and (with ``qlora``) QLoRA."""
     import qwix
 
+    adam = optax.adam(LR)
+    methods = []
     flat = traverse_util.flatten_dict(params, sep="/")
     for name, kw, note in (
         ("Qwix", {}, "LoraProvider on linen Llama; XLA plan"),
@@ -359,8 +388,7 @@ def build_jax_methods(cfg, params, tokens, adapters, key, *, qlora: bool) -> lis
                 name, _adam_step(qloss, adam), train, adam.init(train), frozen, _size(train), note
             )
         )
-    order = ["jaxlora", "jaxlora (NNX model)", "nnx.LoRA", "Qwix", "jaxlora QLoRA", "Qwix QLoRA"]
-    return sorted(methods, key=lambda m: order.index(m.name))
+    return methods
 
 
 class PeftMethod:
@@ -456,14 +484,10 @@ def _peft_rss_setup(cfg: LlamaConfig, batch: int) -> Callable[[], Callable[[], N
 
 def _jaxlora_rss_setup(cfg: LlamaConfig, batch: int) -> Callable[[], Callable[[], None]]:
     """Compiles jaxlora's step ahead of time from abstract inputs; allocates nothing yet."""
-    model = Llama(cfg)
-    tokens = jax.ShapeDtypeStruct((batch, cfg.max_len), jnp.int32)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    model, tokens, params = abstract_llama(cfg, batch=batch, seq=cfg.max_len)
     lcfg = jaxlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, init="kaiming")
-    base, delta = jax.eval_shape(
-        lambda p: jaxlora.split(p["params"], lcfg, key=jax.random.key(0)), params
-    )
-    loss = lambda p, t: causal_lm_loss(model.apply({"params": p}, t), t)
+    base, delta = jax.eval_shape(lambda p: jaxlora.split(p, lcfg, key=jax.random.key(0)), params)
+    loss = lm_loss(model)
     tx = _memory.lora_optimizer(optax.adam(LR), delta)
     opt_state = jax.eval_shape(tx.init, delta)
     compiled = (
@@ -490,7 +514,7 @@ def _jaxlora_rss_setup(cfg: LlamaConfig, batch: int) -> Callable[[], Callable[[]
     return allocate
 
 
-def _rss_child(kind: str, batch: int, seq: int, steps: int) -> dict:
+def _rss_child(kind: str, batch: int, seq: int, steps: int, *, quick: bool) -> dict:
     """Peak RSS of ``steps`` train steps minus RSS before any of the model's data exists.
 
     A tiny model runs first (so the code each step runs is paged in), and a
@@ -498,7 +522,7 @@ def _rss_child(kind: str, batch: int, seq: int, steps: int) -> dict:
     leftovers do not count); then weights, adapters and batch are allocated,
     one warm-up step creates the optimizer state (torch) and the peak is reset.
     """
-    cfg = model_config(seq)
+    cfg = model_config(seq, quick=quick)
     setup = _peft_rss_setup if kind == "peft" else _jaxlora_rss_setup
     tiny = dataclasses.replace(
         cfg, vocab_size=64, d_model=64, n_heads=2, n_kv_heads=2, d_ff=64, n_layers=1
@@ -518,7 +542,7 @@ def _rss_child(kind: str, batch: int, seq: int, steps: int) -> dict:
     return {"baseline_kib": baseline, "peak_kib": _status_kib("VmHWM")}
 
 
-def measure_rss(kind: str, batch: int, seq: int) -> dict:
+def measure_rss(kind: str, batch: int, seq: int, *, quick: bool) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [
         sys.executable,
@@ -530,6 +554,7 @@ def measure_rss(kind: str, batch: int, seq: int) -> dict:
         str(batch),
         "--seq",
         str(seq),
+        *(["--quick"] if quick else []),
     ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
@@ -594,13 +619,25 @@ def main() -> None:
         help="skip measuring jaxlora's peak RSS the way PEFT's is measured",
     )
     parser.add_argument("--rss-child", choices=["peft", "jaxlora"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser, rounds=2, batch=2, seq=32)
     if args.rss_child:
-        print(json.dumps(_rss_child(args.rss_child, args.batch, args.seq, steps=3)))
+        result = _rss_child(args.rss_child, args.batch, args.seq, steps=3, quick=args.quick)
+        print(json.dumps(result))
         return
 
+    skipped = []
+    has_qwix = installed("qwix")
+    if not has_qwix:
+        skipped.append("the Qwix rows: qwix is not installed (pip install -e '.[bench]')")
+    has_torch = installed("torch", "transformers", "peft")
+    if not args.no_torch and not has_torch:
+        skipped.append(
+            "the PEFT row: torch, transformers or peft is not installed "
+            "(pip install -e '.[interop]')"
+        )
+
     t0 = time.perf_counter()
-    cfg = model_config(args.seq)
+    cfg = model_config(args.seq, quick=args.quick)
     key = jax.random.key(0)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
     params = jax.jit(Llama(cfg).init)(key, tokens[:, :8])["params"]
@@ -619,27 +656,36 @@ def main() -> None:
     assert len(adapters) == cfg.n_layers * len(PROJ)
 
     methods: list[Any] = build_jax_methods(
-        cfg, params, tokens, adapters, key, qlora=not args.no_qlora
+        cfg, params, tokens, adapters, key, qlora=not args.no_qlora, qwix=has_qwix
     )
-    for m in methods:
-        m.plan(tokens)
-    floor = floor_memory(cfg, params, tokens)
+    with progress(len(methods) + 1, "memory plans") as bar:
+        for m in methods:
+            m.plan(tokens)
+            bar.update()
+        floor = floor_memory(cfg, params, tokens)
+        bar.update()
     peft_method = None
-    if not args.no_torch:
+    if not args.no_torch and has_torch:
         peft_method = PeftMethod(cfg, params, tokens, adapters)
         methods.append(peft_method)
     t_setup = time.perf_counter() - t0
 
-    interleaved(shuffled_slots([m.runner(tokens) for m in methods]), args.rounds)
+    interleaved(
+        shuffled_slots([m.runner(tokens) for m in methods]), args.rounds, desc="train steps"
+    )
     times = {m.name: statistics.median(m.seconds[1:]) for m in methods}
     t_timed = time.perf_counter() - t0 - t_setup
 
-    rss = {}
-    if peft_method is not None:
-        rss["PEFT"] = measure_rss("peft", args.batch, args.seq)
-        peft_method.memory = rss["PEFT"]["peak_delta_bytes"]
+    kinds = {"PEFT": "peft"} if peft_method is not None else {}
     if not args.no_rss:
-        rss["jaxlora"] = measure_rss("jaxlora", args.batch, args.seq)
+        kinds["jaxlora"] = "jaxlora"
+    rss = {}
+    with progress(len(kinds), "peak RSS (subprocesses)") as bar:
+        for name, kind in kinds.items():
+            rss[name] = measure_rss(kind, args.batch, args.seq, quick=args.quick)
+            bar.update()
+    if peft_method is not None:
+        peft_method.memory = rss["PEFT"]["peak_delta_bytes"]
 
     # Checks: first losses agree; trainable counts are the analytical one.
     expected = analytic_trainable(cfg)
@@ -661,6 +707,8 @@ def main() -> None:
         f"{os.cpu_count()} cores; {args.rounds} interleaved rounds after a warm-up step"
     )
     print(f"analytical trainable parameters: {expected:,}")
+    for note in skipped:
+        print(f"skipped {note}")
     header = (
         f"{'method':20} {'trainable':>9} {'step ms':>8} {'time/ref':>8} {'[q1, q3]':>13} "
         f"{'MiB':>6} {'mem/ref':>7} {'GFLOP':>6} {'loss0':>8}  memory is"

@@ -11,60 +11,28 @@ Rows:
 * forward: use-site (unmerged) forward vs the base model's forward, and the
   forward of the merged parameters vs the base model's.
 
-Run: ``python benchmarks/speed.py [--rounds 15]``
+``--quick``: ``LlamaConfig.tiny`` (d_model 64), 2 layers, batch 2 x 32, 2 rounds.
+
+Run: ``python -m benchmarks.speed [--rounds 15] [--quick]``
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as ``python benchmarks/speed.py``: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import optax
 
 import jaxlora
+from benchmarks._common import interleaved, llama, lm_loss, parse_args
 from jaxlora import memory as _memory
-from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
-
-
-def _block(x):
-    return jax.tree.map(lambda a: a.block_until_ready(), x)
-
-
-def small_llama(batch: int, seq: int = 128) -> tuple[Llama, jax.Array, dict]:
-    """The small decoder the multi-adapter and QLoRA benchmarks share: (model, tokens, params).
-
-    d_model 512, 4 layers stacked with ``nn.scan``, 8 heads, d_ff 1408, vocab 4096.
-    """
-    cfg = LlamaConfig(
-        vocab_size=4096,
-        d_model=512,
-        n_layers=4,
-        n_heads=8,
-        d_ff=1408,
-        max_len=seq,
-        scan_layers=True,
-    )
-    model = Llama(cfg)
-    key = jax.random.key(0)
-    tokens = jax.random.randint(key, (batch, seq), 0, cfg.vocab_size)
-    params = jax.jit(model.init)(key, tokens[:, :8])["params"]
-    return model, tokens, params
-
-
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call for each function, timed in interleaved rounds."""
-    for fn in fns.values():
-        _block(fn())  # compile and warm up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            _block(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from jaxlora.models.llama import LlamaConfig
 
 
 def main() -> None:
@@ -73,21 +41,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    args = parser.parse_args()
+    args = parse_args(parser, rounds=2, layers=2, batch=2, seq=32)
 
-    cfg = LlamaConfig(
-        vocab_size=8192, d_model=1024, n_layers=args.layers, n_heads=16, d_ff=2816, max_len=args.seq
-    )
-    model = Llama(cfg)
-    key = jax.random.key(0)
-    tokens = jax.random.randint(key, (args.batch, args.seq), 0, cfg.vocab_size)
-    params = jax.jit(model.init)(key, tokens[:, :8])["params"]
+    sizes = dict(n_layers=args.layers, max_len=args.seq)
+    if args.quick:
+        cfg = LlamaConfig.tiny(**sizes)
+    else:
+        cfg = LlamaConfig(vocab_size=8192, d_model=1024, n_heads=16, d_ff=2816, **sizes)
+    model, tokens, params = llama(cfg, args.batch)
     config = jaxlora.LoraConfig(rank=8, targets="attention")
-    base, delta = jaxlora.split(params, config, key=key)
+    base, delta = jaxlora.split(params, config, key=jax.random.key(0))
     delta = jax.tree.map(lambda x: x + 0.01, delta)  # b away from zero: a real adapter
 
     apply = lambda p, toks: model.apply({"params": p}, toks)
-    loss = lambda p, toks: causal_lm_loss(apply(p, toks), toks)
+    loss = lm_loss(model)
     adam = optax.adam(1e-4)
     full = jax.jit(_memory.full_step(loss, adam))
     tx = _memory.lora_optimizer(adam, delta)
@@ -106,6 +73,7 @@ def main() -> None:
             "lora merge": lambda: lora_merge(delta, lora_state, base, tokens),
         },
         args.rounds,
+        desc="train steps",
     )
     fwd = interleaved(
         {
@@ -114,9 +82,10 @@ def main() -> None:
             "merged": lambda: forward(merged_params, tokens),
         },
         args.rounds,
+        desc="forwards",
     )
     print(
-        f"Llama d_model 1024, {args.layers} layers, batch {args.batch}x{args.seq}, "
+        f"Llama d_model {cfg.d_model}, {args.layers} layers, batch {args.batch}x{args.seq}, "
         f"{jax.devices()[0].platform}, {args.rounds} interleaved rounds, median"
     )
     print(f"{'measure':44} {'ms':>8} {'ratio':>7}  bar")

@@ -29,14 +29,22 @@ alike). The model is tiny, so the adapter branch is a large share of a step:
 VeRA's rank-256 products cost several base matmuls here, a few percent at
 d_model 4096.
 
-Run: ``python benchmarks/variants.py [--steps 200] [--rank 4] [--lrs 3e-3,1e-2,3e-2]``
+``--quick``: the model with 1 layer, 10 pretraining steps, 6 fine-tuning steps
+per run (AdaLoRA's schedule scaled to them), one learning rate, 2 timing rounds.
+
+Run: ``python -m benchmarks.variants [--steps 200] [--rank 4] [--lrs 3e-3,1e-2,3e-2] [--quick]``
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+if not __package__:  # run as ``python benchmarks/variants.py``: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import argparse
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +55,8 @@ import numpy as np
 import optax
 
 import jaxlora
+from benchmarks._common import interleaved, lm_loss, parse_args
+from jaxlora.apps.progress import progress
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.variants import (
     AdaLoraConfig,
@@ -100,8 +110,10 @@ def pretrain(model: Llama, perm: np.ndarray, steps: int, seed: int) -> Any:
         return optax.apply_updates(params, updates), state
 
     state = tx.init(params)
-    for _ in range(steps):
-        params, state = step(params, state, sequences(perm, rng, BATCH))
+    with progress(steps, "pretrain") as bar:
+        for _ in range(steps):
+            params, state = step(params, state, sequences(perm, rng, BATCH))
+            bar.update()
     return params
 
 
@@ -144,34 +156,21 @@ def finetune(
         return jnp.stack([causal_lm_loss(logits, tokens), accuracy(logits, tokens)])
 
     best = None
-    for lr in lrs:
-        delta, state = delta0, make_tx(delta0, lr).init(delta0)
-        rate = jnp.float32(lr)
-        for i in range(len(train)):
-            delta, state = step(delta, state, train[i], rate)
-        val_metrics = np.mean([np.asarray(evaluate(delta, t)) for t in val], axis=0)
-        if best is None or val_metrics[1] > best[0]:
-            best = (val_metrics[1], lr, delta, state)
+    with progress(len(lrs) * len(train), name) as bar:
+        for lr in lrs:
+            delta, state = delta0, make_tx(delta0, lr).init(delta0)
+            rate = jnp.float32(lr)
+            for i in range(len(train)):
+                delta, state = step(delta, state, train[i], rate)
+                bar.update()
+            val_metrics = np.mean([np.asarray(evaluate(delta, t)) for t in val], axis=0)
+            if best is None or val_metrics[1] > best[0]:
+                best = (val_metrics[1], lr, delta, state)
     _, lr, delta, state = best
     loss, acc = np.mean([np.asarray(evaluate(delta, t)) for t in test], axis=0)
     trainable = jaxlora.count_parameters(base, delta).trainable
     final = (delta, state, train[0], jnp.float32(lr))
     return Result(name, trainable, lr, float(acc), float(loss), lambda: step(*final))
-
-
-def interleaved(results: list[Result], rounds: int) -> None:
-    """Median step seconds per result, timed in interleaved rounds."""
-    block = lambda x: jax.tree.map(lambda a: a.block_until_ready(), x)
-    for r in results:
-        block(r.step())
-    times: dict[str, list[float]] = {r.name: [] for r in results}
-    for _ in range(rounds):
-        for r in results:
-            start = time.perf_counter()
-            block(r.step())
-            times[r.name].append(time.perf_counter() - start)
-    for r in results:
-        r.seconds = statistics.median(times[r.name])
 
 
 def main() -> None:
@@ -183,7 +182,7 @@ def main() -> None:
     parser.add_argument(
         "--lrs", default="3e-3,1e-2,3e-2", help="learning rates tried per variant (VeRA: 10x)"
     )
-    args = parser.parse_args()
+    args = parse_args(parser, steps=6, pretrain_steps=10, rounds=2, lrs="1e-2")
     lrs = [float(x) for x in args.lrs.split(",")]
     started = time.perf_counter()
 
@@ -192,7 +191,7 @@ def main() -> None:
     perm_b = perm_a.copy()
     moved = rng.choice(VOCAB, CHANGED, replace=False)
     perm_b[moved] = perm_a[np.roll(moved, 1)]  # half of the tokens go elsewhere
-    model = Llama(LlamaConfig.tiny(vocab_size=VOCAB, max_len=SEQ))
+    model = Llama(LlamaConfig.tiny(vocab_size=VOCAB, max_len=SEQ, n_layers=1 if args.quick else 2))
     params = pretrain(model, perm_a, args.pretrain_steps, seed=0)
     split_data = lambda n: sequences(perm_b, rng, BATCH * n).reshape(n, BATCH, SEQ)
     data = (split_data(args.steps), split_data(4), split_data(8))  # train, validation, test
@@ -208,9 +207,8 @@ def main() -> None:
     lora = jaxlora.LoraConfig(rank=r, targets=TARGETS)
     budget = jaxlora.count_parameters(*jaxlora.split(params, lora, key=jax.random.key(0)))
     calibration = [jnp.asarray(b) for b in data[0][:4]]
-    lm_loss = lambda p, tokens: causal_lm_loss(model.apply({"params": p}, tokens), tokens)
     t0 = time.perf_counter()
-    pattern = allocate_ranks(lm_loss, params, calibration, lora, budget=budget.trainable)
+    pattern = allocate_ranks(lm_loss(model), params, calibration, lora, budget=budget.trainable)
     allocate_seconds = time.perf_counter() - t0
     ada = AdaLoraConfig(
         init_rank=(3 * r + 1) // 2,
@@ -248,7 +246,9 @@ def main() -> None:
         result = finetune(name, model, params, config, make_tx, data, lrs=rates, orth_weight=orth)
         results.append(result)
         print(f"  {name}: {len(rates)} learning rates in {time.perf_counter() - t0:.1f} s")
-    interleaved(results, args.rounds)
+    times = interleaved({r.name: r.step for r in results}, args.rounds, desc="step times")
+    for res in results:
+        res.seconds = times[res.name]
 
     ranks = sorted(pattern.values())
     print(

@@ -11,6 +11,7 @@ layers (``nn.scan``) is written as one PEFT module per layer.
   type declares (its ``peft`` attribute);
 * :mod:`._lora`: the LoRA and DoRA format; the VeRA and AdaLoRA formats sit in
   :mod:`._vera` and :mod:`._adalora`;
+* :mod:`._reading`: reading and checking files, and finding base weights by module;
 * :mod:`._writer` and :mod:`._reader`: the two functions.
 
 Example:

@@ -31,12 +31,14 @@ from jaxlora._node import AdapterNode, Constant, node_type
 from jaxlora.io.peft._format import (
     Module,
     PeftCodec,
-    check_dropout,
-    config_options,
     host,
     most_common,
     pattern_value,
     register_codec,
+)
+from jaxlora.io.peft._reading import (
+    check_dropout,
+    config_options,
     weight_layout,
 )
 

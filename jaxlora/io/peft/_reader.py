@@ -20,16 +20,18 @@ from jaxlora.io.peft._format import (
     WEIGHTS_NAME,
     PeftCodec,
     Target,
-    check_common_settings,
     codecs,
+    targeted,
+)
+from jaxlora.io.peft._keymaps import KeyMap, as_key_map
+from jaxlora.io.peft._reading import (
+    check_common_settings,
     float_tensor,
     invert,
     read_json,
     read_tensors,
-    targeted,
     unknown_module_message,
 )
-from jaxlora.io.peft._keymaps import KeyMap, as_key_map
 
 _BASE_COPY = ".base_layer.weight"  # a base weight PEFT saves with targeted embeddings
 

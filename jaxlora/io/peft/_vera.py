@@ -24,9 +24,11 @@ from jaxlora._node import AdapterNode, Constant, node_type
 from jaxlora.io.peft._format import (
     Module,
     PeftCodec,
+    host,
+)
+from jaxlora.io.peft._reading import (
     check_dropout,
     config_options,
-    host,
     weight_layout,
 )
 

@@ -18,6 +18,8 @@ References:
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from jax.typing import ArrayLike
 from jaxlora.models.llama_config import LlamaConfig
 from jaxlora.models.llama_layers import (
     _INIT,
+    KVCache,
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaMLP,
@@ -37,6 +40,7 @@ from jaxlora.models.llama_layers import (
 )
 
 __all__ = [
+    "KVCache",
     "Llama",
     "LlamaAttention",
     "LlamaConfig",
@@ -70,21 +74,40 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None
-    ) -> jax.Array:
-        """Computes next-token logits.
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        logits_at: jax.Array | None = None,
+    ) -> Any:
+        """Computes next-token logits, optionally with a KV cache.
 
         Args:
           tokens: integer token ids, shape ``(batch, seq)``.
           inputs_embeds: token embeddings, shape ``(batch, seq, d_model)``, used instead
             of looking up ``tokens`` (to differentiate with respect to the inputs).
+          positions: ``(batch, seq)`` rotary positions; by default ``0, 1, ...`` (after
+            the cache's filled slots, with a cache). Left-padded prompts pass each
+            sequence's own positions.
+          attention_mask: ``(batch, seq)``, true on real tokens; padding is never
+            attended. By default every token is real.
+          cache: a :class:`KVCache`: the tokens are written at its ``index`` and
+            attend everything cached before them; the updated cache is returned.
+          logits_at: ``(batch, k)`` positions (indices into ``seq``) whose logits to
+            compute, instead of every position's (the last one, to decode; the
+            answer's, to score): the vocabulary projection is the costliest op.
 
         Returns:
-          float32 logits of shape ``(batch, seq, vocab_size)``.
+          float32 logits of shape ``(batch, seq, vocab_size)`` (``(batch, k, vocab)``
+          with ``logits_at``); with a cache, ``(logits, cache)``.
 
         Raises:
           ValueError: if not exactly one of ``tokens`` and ``inputs_embeds`` is given,
-            if its shape is wrong, or if ``seq > config.max_len``.
+            if its shape is wrong, or if the sequence (or the cache) is longer than
+            ``config.max_len``.
         """
         cfg = self.config
         embed = nn.Embed(
@@ -115,39 +138,60 @@ class Llama(nn.Module):
                 "Llama needs exactly one of tokens and inputs_embeds; call model.apply("
                 "params, tokens) or model.apply(params, inputs_embeds=embeds)."
             )
-        seq = x.shape[1]
-        if seq > cfg.max_len:
+        batch, seq = x.shape[:2]
+        length = seq if cache is None else cache.mask.shape[1]
+        if length > cfg.max_len:
             raise ValueError(
-                f"sequence length {seq} exceeds config.max_len={cfg.max_len}; "
-                "shorten the input or raise max_len."
+                f"sequence length {length} exceeds config.max_len={cfg.max_len}; "
+                "shorten the input (or the cache) or raise max_len."
             )
-        cos, sin = rotary_cos_sin(jnp.arange(seq), cfg.head_dim, theta=cfg.rope_theta)
+        start = 0 if cache is None else cache.index
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, theta=cfg.rope_theta)
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, bool)
+        if cache is not None:
+            new = jnp.ones((batch, seq), bool) if mask is None else mask
+            mask = jax.lax.dynamic_update_slice(cache.mask, new, (0, cache.index))
 
+        layer_cls = LlamaDecoderLayer
+        if cfg.remat:
+            # in a scan, the loop body already keeps XLA from merging the recomputation
+            # into the forward pass, so prevent_cse's extra barriers would only cost speed
+            layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers)
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        index = 0 if cache is None else cache.index
         if cfg.scan_layers:
-            layer_cls = LlamaDecoderLayer
-            # scan's loop body already keeps XLA from merging the recomputation into the
-            # forward pass, so prevent_cse's extra barriers would only cost speed.
-            if cfg.remat:
-                layer_cls = nn.remat(layer_cls, prevent_cse=False)
             stack = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=cfg.n_layers,
             )
-            x, _ = stack(cfg, name="layers")(x, cos, sin)
+            x, updated = stack(cfg, name="layers")(x, cos, sin, mask, layer_caches, index)
         else:
-            layer_cls = nn.remat(LlamaDecoderLayer) if cfg.remat else LlamaDecoderLayer
+            per_layer = []
             for i in range(cfg.n_layers):
-                x, _ = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin)
+                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                x, new_cache = layer_cls(cfg, name=f"layers_{i}")(
+                    x, cos, sin, mask, layer_cache, index
+                )
+                per_layer.append(new_cache)
+            updated = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
 
         x = RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = _dense(cfg.vocab_size, "lm_head", cfg)(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        k, v = updated
+        return logits, KVCache(k, v, mask, (cache.index + seq).astype(jnp.int32))
 
 
 def causal_lm_loss(logits: ArrayLike, tokens: ArrayLike) -> jax.Array:

@@ -5,6 +5,7 @@ See :mod:`jaxlora.models.llama` for the model and its parameter names.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ from jax.typing import ArrayLike, DTypeLike
 from jaxlora.models.llama_config import LlamaConfig
 
 __all__ = [
+    "KVCache",
     "LlamaAttention",
     "LlamaDecoderLayer",
     "LlamaMLP",
@@ -86,17 +88,33 @@ def apply_rotary(x: ArrayLike, cos: ArrayLike, sin: ArrayLike) -> jax.Array:
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dtype: Any) -> jax.Array:
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    dtype: Any,
+    key_mask: jax.Array | None = None,
+    query_start: Any = 0,
+) -> jax.Array:
     """Causal grouped-query softmax attention, scores and softmax in float32.
+
+    Query ``s`` sits at slot ``query_start + s`` of the key sequence and attends
+    the keys at slots up to its own, where ``key_mask`` is true: with a KV cache
+    the keys are the cache (``query_start`` its write index), without one they
+    are the queries' own tokens (``query_start = 0``).
 
     Args:
         q: ``(batch, seq, n_heads, head_dim)``, rotary already applied.
-        k: ``(batch, seq, n_kv_heads, head_dim)``, rotary already applied.
-        v: ``(batch, seq, n_kv_heads, head_dim)``.
+        k: ``(batch, keys, n_kv_heads, head_dim)``, rotary already applied.
+        v: ``(batch, keys, n_kv_heads, head_dim)``.
         dtype: the compute dtype of the probabilities and the output.
+        key_mask: optional ``(batch, keys)`` bools: the slots that hold real tokens.
+        query_start: the slot of the first query (an int or a traced scalar).
 
     Returns:
-        ``(batch, seq, n_heads * head_dim)``.
+        ``(batch, seq, n_heads * head_dim)``. A query with no key to attend (a
+        padding position) gets zeros.
 
     Example:
         >>> import jax.numpy as jnp
@@ -105,15 +123,63 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dtype: Any) ->
         (1, 3, 8)
     """
     batch, seq, n_heads, hd = q.shape
-    kv = k.shape[2]
+    n_keys, kv = k.shape[1], k.shape[2]
     q = q.reshape(batch, seq, kv, n_heads // kv, hd)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
     scores = scores.astype(jnp.float32) / np.float32(np.sqrt(hd))
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    slots = query_start + jnp.arange(seq)
+    allowed = jnp.arange(n_keys)[None, :] <= slots[:, None]  # (seq, keys)
+    allowed = jnp.broadcast_to(allowed, (batch, seq, n_keys))
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :]
+    allowed = allowed[:, None, None]  # (batch, 1, 1, seq, keys)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0).astype(dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(dtype))
     return out.reshape(batch, seq, n_heads * hd)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """The keys and values of the tokens decoded so far, for every layer.
+
+    Slots are positions in the cache, shared by the batch; a sequence's token
+    at slot ``j`` is real where ``mask[:, j]``. Prompts of different lengths are
+    left-padded, so that every sequence writes its next token at slot ``index``.
+
+    Attributes:
+        k: ``(n_layers, batch, slots, n_kv_heads, head_dim)``.
+        v: the same for the values.
+        mask: ``(batch, slots)`` bools: slots that hold real tokens.
+        index: int32 scalar: the slot the next token goes to.
+
+    Example:
+        >>> from jaxlora.models.llama import LlamaConfig
+        >>> cache = KVCache.empty(LlamaConfig.tiny(), batch=2, slots=16)
+        >>> cache.k.shape, int(cache.index)
+        ((2, 2, 16, 2, 16), 0)
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(
+        cls, config: LlamaConfig, *, batch: int, slots: int, dtype: DTypeLike | None = None
+    ) -> KVCache:
+        """A cache of ``slots`` empty slots per sequence (``dtype``: the model's by default)."""
+        shape = (config.n_layers, batch, slots, config.n_kv_heads, config.head_dim)
+        dtype = config.dtype if dtype is None else dtype
+        return cls(
+            jnp.zeros(shape, dtype),
+            jnp.zeros(shape, dtype),
+            jnp.zeros((batch, slots), bool),
+            jnp.zeros((), jnp.int32),
+        )
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +239,7 @@ class LlamaAttention(nn.Module):
       >>> cfg = LlamaConfig.tiny()
       >>> x = jax.random.normal(jax.random.key(0), (1, 5, cfg.d_model))
       >>> cos, sin = rotary_cos_sin(jnp.arange(5), cfg.head_dim)
-      >>> y, _ = LlamaAttention(cfg).init_with_output(jax.random.key(1), x, cos, sin)
+      >>> (y, _), _ = LlamaAttention(cfg).init_with_output(jax.random.key(1), x, cos, sin)
       >>> y.shape
       (1, 5, 64)
     """
@@ -181,10 +247,26 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """Attends causally over ``x`` of shape ``(batch, seq, d_model)``; same shape out.
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        key_mask: jax.Array | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: Any = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Attends causally over ``x`` of shape ``(batch, seq, d_model)``.
 
-        ``cos`` and ``sin`` come from :func:`rotary_cos_sin` for positions ``0..seq-1``.
+        ``cos`` and ``sin`` come from :func:`rotary_cos_sin` for the tokens'
+        positions; ``key_mask`` marks real tokens (of ``x``, or of the cache's
+        slots). With ``cache = (k, v)`` (one layer's slots), the new keys and
+        values are written at slot ``cache_index`` and the queries attend the
+        cache.
+
+        Returns:
+            ``(output, (k, v))``: the output (same shape as ``x``) and, with a
+            cache, its updated slots (``None`` without).
         """
         cfg = self.config
         batch, seq, _ = x.shape
@@ -193,8 +275,20 @@ class LlamaAttention(nn.Module):
         k = _dense(kv * hd, "k_proj", cfg)(x).reshape(batch, seq, kv, hd)
         v = _dense(kv * hd, "v_proj", cfg)(x).reshape(batch, seq, kv, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v, dtype=cfg.dtype)
-        return _dense(cfg.d_model, "o_proj", cfg)(out)
+        if cache is None:
+            out = causal_attention(q, k, v, dtype=cfg.dtype, key_mask=key_mask)
+            updated = None
+        else:
+            cache_k, cache_v = cache
+            index = cache_index
+            start = (0, index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            out = causal_attention(
+                q, cache_k, cache_v, dtype=cfg.dtype, key_mask=key_mask, query_start=index
+            )
+            updated = (cache_k, cache_v)
+        return _dense(cfg.d_model, "o_proj", cfg)(out), updated
 
 
 class LlamaMLP(nn.Module):
@@ -244,11 +338,25 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, None]:
-        """Runs the layer on ``x`` of shape ``(batch, seq, d_model)``."""
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        key_mask: jax.Array | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: Any = 0,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Runs the layer on ``x`` of shape ``(batch, seq, d_model)``.
+
+        ``key_mask``, ``cache`` and ``cache_index`` are :class:`LlamaAttention`'s;
+        returns the new hidden states and, with a cache, this layer's updated slots.
+        """
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-        h = LlamaAttention(cfg, name="self_attn")(norm("input_layernorm")(x), cos, sin)
+        h, updated = LlamaAttention(cfg, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, key_mask, cache, cache_index
+        )
         x = x + h
         h = LlamaMLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
-        return x + h, None
+        return x + h, updated

@@ -7,6 +7,7 @@ by explicit nibble arithmetic, scales by numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import chex
@@ -540,3 +541,95 @@ def test_nonfinite_weights_are_refused_or_zeroed_never_hidden():
     nan_blocks = set(np.flatnonzero(np.isnan(out.reshape(-1, 64)).any(axis=1)).tolist())
     assert nan_blocks == bad_blocks
     assert np.isfinite(out.reshape(-1, 64)[[b for b in range(128) if b not in bad_blocks]]).all()
+
+
+# --- ggml's block formats (Q4_1, Q8_0); bit-exactness against gguf is in test_gguf.py ---------
+
+
+def test_q4_1_nibble_order_and_arithmetic_by_hand():
+    # One block: byte j holds element j (low nibble) and element j + 16 (high nibble).
+    codes = np.array([(j % 16) | ((15 - j) << 4) for j in range(16)], np.uint8)
+    q = QuantizedArray(
+        codes=jnp.asarray(codes),
+        scales=jnp.array([0.5], jnp.float16),
+        scale_scales=None,
+        scale_mean=None,
+        shape=(32,),
+        dtype=np.dtype("float32"),
+        format="q4_1",
+        block_size=32,
+        minimums=jnp.array([-2.0], jnp.float16),
+    )
+    want = np.array([*range(16), *range(15, -1, -1)], np.float32) * 0.5 - 2.0
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), want)
+    # ggml's reference: d = (max - min) / 15, q = trunc((x - min) / d + 0.5), m = min.
+    x = jnp.asarray(want)
+    again = quant.quantize_array(x, format="q4_1")
+    np.testing.assert_array_equal(np.asarray(again.codes), codes)
+    assert float(again.scales[0]) == 0.5 and float(again.minimums[0]) == -2.0
+
+
+def test_q8_0_rounds_halves_away_from_zero():
+    # d = absmax / 127 = 1: codes are round(x), with halves away from zero (C's roundf).
+    x = np.zeros(32, np.float32)
+    x[:6] = [127.0, -2.5, 2.5, -0.5, 0.5, 1.49]
+    q = quant.quantize_array(jnp.asarray(x), format="q8_0")
+    assert q.codes.dtype == jnp.int8 and float(q.scales[0]) == 1.0
+    np.testing.assert_array_equal(np.asarray(q.codes)[:6], [127, -3, 3, -1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(q.dequantize())[:6], [127, -3, 3, -1, 1, 1])
+
+
+@pytest.mark.parametrize(("fmt", "bits"), [("q4_1", 5.0), ("q8_0", 8.5)])
+def test_ggml_formats_defaults_sizes_and_trees(fmt, bits):
+    x = normal(SHAPE, seed=11)
+    q = quant.quantize_array(x, format=fmt)  # block_size 32, no double quantization
+    assert q.block_size == 32 and not q.double_quant and q.scale_mean is None
+    assert q.scales.dtype == jnp.float16 and q.scales.shape == (x.size // 32,)
+    assert (q.minimums is not None) == (fmt == "q4_1")
+    assert quant.bits_per_parameter(q) == bits  # minimums counted: 4 + 16/32 + 16/32
+    # Half a step, plus the float16 rounding of d (times the code) and of the minimum.
+    blocks = np.asarray(x).reshape(-1, 32)
+    err = np.abs(np.asarray(q.dequantize()).reshape(-1, 32) - blocks).max(axis=1)
+    low = blocks.min(axis=1) if fmt == "q4_1" else 0.0
+    step = (blocks.max(axis=1) - low) / 15 if fmt == "q4_1" else np.abs(blocks).max(axis=1) / 127
+    levels = 15 if fmt == "q4_1" else 127
+    assert np.all(err <= step / 2 + (levels * step + np.abs(low)) * 2.0**-11 * 1.01)
+    tree = quant.quantize({"w": x, "b": x[0]}, format=fmt)
+    chex.assert_trees_all_equal(tree["w"], q)
+    assert quant.dequantize(tree)["w"].shape == SHAPE
+
+
+def test_stored_axes_are_transposed_back_on_dequantize():
+    x = normal((64, 96), seed=12)
+    for fmt in ("q4_1", "nf4"):
+        stored = quant.quantize_array(x.T, format=fmt)  # blocks along the stored rows
+        q = dataclasses.replace(stored, shape=(64, 96), axes=(1, 0))
+        assert q.stored_shape == (96, 64) and q.shape == (64, 96)
+        np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(stored.dequantize()).T)
+        assert "axes=(1, 0)" in repr(q) and "axes" not in repr(stored)
+    stacked = quant.quantize_array(jnp.stack([x.T, 2 * x.T]), format="q8_0")
+    q = dataclasses.replace(stacked, shape=(2, 64, 96), axes=(0, 2, 1))
+    assert q.stored_shape == (2, 96, 64)
+    np.testing.assert_array_equal(
+        np.asarray(q.dequantize()), np.asarray(stacked.dequantize()).transpose(0, 2, 1)
+    )
+
+
+def test_ggml_format_errors():
+    x = normal((8, 64))
+    with pytest.raises(ValueError, match="format='q4_1' has blocks of 32 only; got block_size=64"):
+        quant.quantize_array(x, format="q4_1", block_size=64)
+    with pytest.raises(ValueError, match=r"format='q8_0' .* double quantization does not apply"):
+        quant.quantize({"w": x}, format="q8_0", double_quant=True)
+    with pytest.raises(ValueError, match=r"size 48\) in blocks of block_size=32"):
+        quant.quantize_array(normal((6, 8)), format="q4_1")
+    with pytest.raises(ValueError, match=r"axes=\(0, 0\) is not a permutation of the 2 axes"):
+        dataclasses.replace(quant.quantize_array(x, format="q8_0"), axes=(0, 0))
+
+
+def test_ggml_nonfinite_blocks_dequantize_to_nan_under_jit():
+    w = np.asarray(normal((4, 64), seed=13)).copy()
+    w[2, 40] = np.inf
+    out = np.asarray(jax.jit(lambda x: quant.quantize_array(x, format="q4_1"))(w).dequantize())
+    nan_blocks = np.isnan(out.reshape(-1, 32)).any(axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(nan_blocks), [(2 * 64 + 40) // 32])

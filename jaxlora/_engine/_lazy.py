@@ -55,12 +55,13 @@ class Lazy:
     def per_layer(self, length: int) -> Lazy | None:
         """This weight arranged so that ``scan`` slices it along its first axis.
 
-        Possible when no view was taken yet and the blocks (and, with double
+        Possible when no view was taken yet, the layer axis is stored first
+        (``axes``, if any, keeps it in front) and the blocks (and, with double
         quantization, the groups of block scales) never span two layers.
         Returns ``None`` otherwise.
         """
         q = self.q
-        if self.ops or q.shape[0] != length:
+        if self.ops or q.shape[0] != length or (q.axes is not None and q.axes[0] != 0):
             return None
         per_layer = q.size // length
         n_blocks = per_layer // q.block_size
@@ -74,7 +75,9 @@ class Lazy:
             scales=split(q.scales),
             scale_scales=split(q.scale_scales),
             scale_mean=mean,
+            minimums=split(q.minimums),
             shape=tuple(q.shape[1:]),
+            axes=None if q.axes is None else tuple(a - 1 for a in q.axes[1:]),
         )
         return Lazy(sliced, (), tuple(q.shape[1:]), self.dtype)
 

@@ -17,7 +17,7 @@ from jax.typing import DTypeLike
 
 from jaxlora.quant import _formats
 
-__all__ = ["QuantizedArray", "is_quantized"]
+__all__ = ["QuantizedArray", "bits_per_parameter", "is_quantized"]
 
 
 @jax.tree_util.register_dataclass
@@ -30,12 +30,20 @@ class QuantizedArray:
     scale arrays are its leaves, everything else is static, so it passes through
     ``jax.jit``, ``jax.tree.map`` and checkpointing like any other node.
 
+    Blocks run along the flattened *stored* array: the weight itself, or with
+    ``axes`` the weight stored in another axis order (a GGUF file stores a
+    linear layer as ``(out, in)`` with its blocks along ``in``, where a Flax
+    kernel is ``(in, out)``).
+
     Attributes:
         codes: the packed codes, flat. 4-bit formats: ``uint8 (size // 2,)``, two
             codes per byte, the first element in the high nibble (bitsandbytes'
-            order). ``"int8"``: ``int8 (size,)``.
+            order), except ``"q4_1"``, in ggml's order (byte ``j`` of a block of
+            32 holds element ``j`` in its low nibble and ``j + 16`` in its high
+            one). ``"int8"`` and ``"q8_0"``: ``int8 (size,)``.
         scales: one per block, ``(size // block_size,)``: the float32 absmax, or
-            with double quantization its int8 code (see ``scale_scales``).
+            with double quantization its int8 code (see ``scale_scales``); for
+            ``"q4_1"`` and ``"q8_0"`` ggml's float16 scale ``d``.
         scale_scales: with double quantization, the float32 absmax of each group
             of ``scale_block_size`` centered block scales,
             ``(ceil(n_blocks / scale_block_size),)``; else ``None``.
@@ -44,10 +52,17 @@ class QuantizedArray:
         shape: the original shape (static).
         dtype: the original dtype, which :meth:`dequantize` returns by default
             (static).
-        format: ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"int8"`` (static).
-        block_size: elements per block of the flattened weight (static).
+        format: ``"nf4"``, ``"fp4"``, ``"int4"``, ``"int8"``, ``"q4_1"`` or
+            ``"q8_0"`` (static; see :mod:`jaxlora.quant._formats`).
+        block_size: elements per block of the flattened stored array (static).
         scale_block_size: block scales per second-level group with double
             quantization, ``None`` without it (static).
+        minimums: for ``"q4_1"``, ggml's float16 block minimum ``m``,
+            ``(size // 32,)`` (a value is ``q · d + m``); else ``None``.
+        axes: ``None`` when the codes are stored in the order of ``shape``; else
+            the permutation that takes the stored array to the weight,
+            ``weight = stored.transpose(axes)``, e.g. ``(1, 0)`` for a kernel
+            stored transposed (static).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -78,6 +93,16 @@ class QuantizedArray:
     format: str = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
     scale_block_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    minimums: jax.Array | None = None
+    axes: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def __post_init__(self) -> None:
+        if self.axes is not None and sorted(self.axes) != list(range(len(self.shape))):
+            raise ValueError(
+                f"QuantizedArray axes={self.axes} is not a permutation of the {len(self.shape)} "
+                f"axes of shape {self.shape}; pass the order that takes the stored array to "
+                "the weight, e.g. axes=(1, 0) for a kernel stored transposed, or axes=None"
+            )
 
     @property
     def ndim(self) -> int:
@@ -90,28 +115,40 @@ class QuantizedArray:
         return math.prod(self.shape)
 
     @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape the codes are stored in: ``shape`` permuted back by ``axes``."""
+        if self.axes is None:
+            return tuple(self.shape)
+        stored = [0] * len(self.shape)
+        for i, axis in enumerate(self.axes):
+            stored[axis] = self.shape[i]
+        return tuple(stored)
+
+    @property
     def double_quant(self) -> bool:
         """Whether the block scales are themselves quantized."""
         return self.scale_block_size is not None
 
     @property
     def nbytes(self) -> int:
-        """Bytes actually stored: codes, scales and second-level scales."""
-        arrays = (self.codes, self.scales, self.scale_scales, self.scale_mean)
+        """Bytes actually stored: codes, scales, second-level scales and minimums."""
+        arrays = (self.codes, self.scales, self.scale_scales, self.scale_mean, self.minimums)
         return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays if a is not None)
 
     def __repr__(self) -> str:
+        axes = "" if self.axes is None else f"axes={self.axes}, "
         return (
             f"QuantizedArray(shape={self.shape}, dtype={self.dtype}, format={self.format!r}, "
             f"block_size={self.block_size}, double_quant={self.double_quant}, "
-            f"nbytes={self.nbytes})"
+            f"{axes}nbytes={self.nbytes})"
         )
 
     def block_scales(self) -> jax.Array:
         """The absmax of each block as float32, ``(size // block_size,)``.
 
         Without double quantization these are the stored values; with it, the
-        reconstruction ``INT8[code] · s2 + μ``.
+        reconstruction ``INT8[code] · s2 + μ``. For ``"q4_1"`` and ``"q8_0"``, ggml's
+        scale ``d``.
 
         Returns:
             a float32 array with one scale per block.
@@ -141,7 +178,9 @@ class QuantizedArray:
     def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
         """The weight back in full precision: ``table[code] · block_absmax``.
 
-        Pure ``jax.numpy``, so it works under ``jit``; it computes in float32
+        For ``"q4_1"`` ``q · d + m`` and for ``"q8_0"`` ``q · d``, bit for bit as
+        ggml computes them. Then the stored array is transposed by ``axes``, if
+        any. Pure ``jax.numpy``, so it works under ``jit``; it computes in float32
         and casts at the end.
 
         Args:
@@ -167,12 +206,19 @@ class QuantizedArray:
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _dequantize_jit(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
     spec = _formats.get_format(q.format)
-    if spec.bits == 4:
-        index = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+    if spec.ggml:
+        values = _formats.decode_ggml(q.codes, q.scales, q.minimums, spec)
     else:
-        index = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
-    values = jnp.asarray(spec.values)[index].reshape(-1, q.block_size)
-    return (values * q.block_scales()[:, None]).reshape(q.shape).astype(dtype)
+        if spec.bits == 4:
+            index = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1).reshape(-1)
+        else:
+            index = jax.lax.bitcast_convert_type(q.codes, jnp.uint8)
+        values = jnp.asarray(spec.values)[index].reshape(-1, q.block_size)
+        values = values * q.block_scales()[:, None]
+    values = values.reshape(q.stored_shape)
+    if q.axes is not None:
+        values = values.transpose(q.axes)
+    return values.astype(dtype)
 
 
 def is_quantized(x: Any) -> bool:
@@ -195,3 +241,44 @@ def is_quantized(x: Any) -> bool:
         Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
     """
     return isinstance(x, QuantizedArray)
+
+
+def bits_per_parameter(q: Any) -> float:
+    """Stored bits per original parameter of a :class:`QuantizedArray` or of all those in a tree.
+
+    Counts every stored byte (codes, block scales, second-level scales and the
+    mean, ggml's block minimums) against the number of original elements;
+    leaves that are not quantized are not counted.
+
+    Args:
+        q: a :class:`QuantizedArray`, or a pytree holding some.
+
+    Returns:
+        ``8 · nbytes / size`` as a Python float.
+
+    Raises:
+        ValueError: if ``q`` holds no :class:`QuantizedArray`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxlora.quant import bits_per_parameter, quantize_array
+        >>> w = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)  # no memory needed
+        >>> round(bits_per_parameter(jax.eval_shape(quantize_array, w)), 4)
+        4.127
+        >>> nodq = jax.eval_shape(lambda w: quantize_array(w, double_quant=False), w)
+        >>> bits_per_parameter(nodq)
+        4.5
+        >>> bits_per_parameter(jax.eval_shape(lambda w: quantize_array(w, format="q4_1"), w))
+        5.0
+
+    References:
+        Dettmers et al. 2023, QLoRA, Section 3 ("Double Quantization").
+        https://arxiv.org/abs/2305.14314
+    """
+    found = [x for x in jax.tree.leaves(q, is_leaf=is_quantized) if is_quantized(x)]
+    if not found:
+        raise ValueError(
+            f"bits_per_parameter needs a QuantizedArray or a tree holding some; got "
+            f"{type(q).__name__} with none. Quantize it first with jaxlora.quant.quantize."
+        )
+    return 8.0 * sum(x.nbytes for x in found) / sum(x.size for x in found)

@@ -15,13 +15,16 @@ them into blocks of 256, and store each block as symmetric absmax int8
 second level; symmetric int8 is simpler and its error bound ``s2 / 254`` is
 easy to state.) The scale overhead drops from 32/64 = 0.5 to
 8/64 + 32/(64·256) ≈ 0.127 bits per parameter at block size 64.
+
+ggml's ``"q4_1"`` and ``"q8_0"`` (GGUF files) have fixed blocks of 32, float16
+scales and their own rounding (:mod:`jaxlora.quant._formats`); they have no
+double quantization.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any
 
 import jax
@@ -41,8 +44,8 @@ def quantize_array(
     x: ArrayLike,
     *,
     format: str = "nf4",
-    block_size: int = 64,
-    double_quant: bool = True,
+    block_size: int = _formats.DEFAULT,
+    double_quant: bool = _formats.DEFAULT,
     double_quant_block_size: int = DOUBLE_QUANT_BLOCK_SIZE,
     nonfinite: str = "raise",
 ) -> QuantizedArray:
@@ -56,12 +59,14 @@ def quantize_array(
     Args:
         x: a floating-point array of any shape whose size ``block_size`` divides.
         format: ``"nf4"`` (NormalFloat4), ``"fp4"`` (OCP E2M1), ``"int4"`` or
-            ``"int8"`` (symmetric absmax).
+            ``"int8"`` (symmetric absmax), or ggml's ``"q4_1"`` or ``"q8_0"``.
         block_size: elements per block; a positive int dividing ``x.size``, and
-            even for the 4-bit formats.
+            even for the 4-bit formats. By default 64; ``"q4_1"`` and ``"q8_0"``
+            have blocks of 32 only.
         double_quant: quantize the block absmax values too (QLoRA's double
             quantization: mean-centered, int8, groups of
-            ``double_quant_block_size``).
+            ``double_quant_block_size``). By default on, except for ``"q4_1"``
+            and ``"q8_0"``, which do not have it.
         double_quant_block_size: block scales per second-level group (256 in the
             paper); the last group may be shorter.
         nonfinite: what to do with NaN and infinite entries, which no block scale
@@ -79,7 +84,8 @@ def quantize_array(
 
     Raises:
         ValueError: for an unknown format or a block size that is not a positive
-            int, does not divide ``x.size`` or is odd for a 4-bit format; for
+            int, does not divide ``x.size`` or is odd for a 4-bit format (or is not
+            32 for ``"q4_1"``/``"q8_0"``, or double quantization for those); for
             non-finite entries of a concrete array with ``nonfinite="raise"``.
         TypeError: if ``x`` is not floating point.
 
@@ -95,6 +101,9 @@ def quantize_array(
         >>> q8 = jax.jit(quantize_array, static_argnames=("format",))(w, format="int8")
         >>> q8.codes.dtype
         dtype('int8')
+        >>> g = quantize_array(w, format="q4_1")  # ggml's: blocks of 32, q·d + m
+        >>> g.scales.dtype, g.minimums.shape, 8 * g.nbytes / g.size
+        (dtype('float16'), (1024,), 5.0)
 
     References:
         Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs,
@@ -115,8 +124,8 @@ def quantize(
     tree: Any,
     *,
     format: str = "nf4",
-    block_size: int = 64,
-    double_quant: bool = True,
+    block_size: int = _formats.DEFAULT,
+    double_quant: bool = _formats.DEFAULT,
     targets: _paths.Targets | None = None,
     nonfinite: str = "raise",
 ) -> Any:
@@ -129,11 +138,13 @@ def quantize(
     Args:
         tree: any pytree of arrays: Flax linen ``params``, an ``nnx.State``, a
             dict, or the frozen ``base`` from :func:`jaxlora.split`.
-        format: ``"nf4"``, ``"fp4"``, ``"int4"`` or ``"int8"``.
+        format: ``"nf4"``, ``"fp4"``, ``"int4"``, ``"int8"``, ``"q4_1"`` or ``"q8_0"``.
         block_size: elements per block of each flattened weight; must divide
             the size of every targeted weight (and be even for 4-bit formats).
+            By default 64 (32, the only size, for ``"q4_1"`` and ``"q8_0"``).
         double_quant: also quantize the block scales (QLoRA's double
             quantization), ~0.127 instead of 0.5 bits per parameter at block 64.
+            By default on (off, the only choice, for ``"q4_1"`` and ``"q8_0"``).
         targets: ``None`` quantizes every floating-point leaf with at least two
             axes (kernels and embeddings, not biases or norm scales; but a bias
             stacked by ``nn.scan`` has two axes and is included). Otherwise a
@@ -173,8 +184,7 @@ def quantize(
         Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs.
         https://arxiv.org/abs/2305.14314
     """
-    _formats.get_format(format)
-    _check_block_size_value(block_size, format)
+    block_size, double_quant = _formats.resolve_options(format, block_size, double_quant)
     _check_nonfinite_option(nonfinite)
     matches = None if targets is None else _paths.target_predicate(targets, None)
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
@@ -263,45 +273,6 @@ def dequantize(tree: Any, dtype: DTypeLike | None = None) -> Any:
     return jax.tree.map(restore, tree, is_leaf=_is_leaf)
 
 
-def bits_per_parameter(q: Any) -> float:
-    """Stored bits per original parameter of a :class:`QuantizedArray` or of all those in a tree.
-
-    Counts every stored byte (codes, block scales, second-level scales and the
-    mean) against the number of original elements; leaves that are not
-    quantized are not counted.
-
-    Args:
-        q: a :class:`QuantizedArray`, or a pytree holding some.
-
-    Returns:
-        ``8 · nbytes / size`` as a Python float.
-
-    Raises:
-        ValueError: if ``q`` holds no :class:`QuantizedArray`.
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from jaxlora.quant import bits_per_parameter, quantize_array
-        >>> w = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)  # no memory needed
-        >>> round(bits_per_parameter(jax.eval_shape(quantize_array, w)), 4)
-        4.127
-        >>> nodq = jax.eval_shape(lambda w: quantize_array(w, double_quant=False), w)
-        >>> bits_per_parameter(nodq)
-        4.5
-
-    References:
-        Dettmers et al. 2023, QLoRA, Section 3 ("Double Quantization").
-        https://arxiv.org/abs/2305.14314
-    """
-    found = [x for x in jax.tree.leaves(q, is_leaf=is_quantized) if is_quantized(x)]
-    if not found:
-        raise ValueError(
-            f"bits_per_parameter needs a QuantizedArray or a tree holding some; got "
-            f"{type(q).__name__} with none. Quantize it first with jaxlora.quant.quantize."
-        )
-    return 8.0 * sum(x.nbytes for x in found) / sum(x.size for x in found)
-
-
 def _is_leaf(x: Any) -> bool:
     return _paths.is_box(x) or is_quantized(x)
 
@@ -310,20 +281,6 @@ def _describe(x: Any) -> str:
     if hasattr(x, "dtype") and hasattr(x, "shape"):
         return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
     return f"a {type(x).__name__}"
-
-
-def _check_block_size_value(block_size: Any, format: str, what: str = "block_size") -> None:
-    if (
-        isinstance(block_size, bool)
-        or not isinstance(block_size, numbers.Integral)
-        or block_size < 1
-    ):
-        raise ValueError(f"{what} must be a positive int; got {block_size!r}")
-    if format != "int8" and what == "block_size" and block_size % 2:
-        raise ValueError(
-            f"block_size={block_size} is odd; format={format!r} packs two 4-bit codes per "
-            f"byte, so the block size must be even (64 is the usual choice)"
-        )
 
 
 def _check_nonfinite_option(nonfinite: Any) -> None:
@@ -363,9 +320,9 @@ def _quantize_leaf(
 ) -> QuantizedArray:
     spec = _formats.get_format(format)
     _check_nonfinite_option(nonfinite)
-    _check_block_size_value(block_size, format)
+    block_size, double_quant = _formats.resolve_options(format, block_size, double_quant)
     if double_quant:
-        _check_block_size_value(double_quant_block_size, format, "double_quant_block_size")
+        _formats.check_block_size(double_quant_block_size, format, "double_quant_block_size")
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
         x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -407,10 +364,23 @@ def _quantize_jit(
     blocks = jnp.asarray(x, jnp.float32).reshape(-1, block_size)
     finite = jnp.all(jnp.isfinite(blocks), axis=1)  # all True unless traced (see nonfinite)
     blocks = jnp.where(finite[:, None], blocks, 0.0)
+    if spec.ggml:
+        codes, scales, minimums = _formats.encode_ggml(blocks, spec)
+        return QuantizedArray(
+            codes=codes,
+            scales=jnp.where(finite, scales, jnp.nan),
+            scale_scales=None,
+            scale_mean=None,
+            shape=tuple(x.shape),
+            dtype=np.dtype(x.dtype),
+            format=format,
+            block_size=block_size,
+            minimums=minimums,
+        )
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     # Multiply by the rounded reciprocal (bitsandbytes' arithmetic, and what XLA
     # would turn a division by a broadcast scale into anyway).
-    codes = _encode(blocks * _reciprocal(absmax)[:, None], spec).reshape(-1)
+    codes = _formats.encode(blocks * _formats.reciprocal(absmax)[:, None], spec).reshape(-1)
     if spec.bits == 4:
         pairs = codes.reshape(-1, 2)
         codes = (pairs[:, 0] << 4) | pairs[:, 1]
@@ -426,8 +396,8 @@ def _quantize_jit(
         centered = centered.reshape(n_groups, scale_block_size)
         scale_scales = jnp.max(jnp.abs(centered), axis=1)
         level2 = _formats.get_format("int8")
-        normalized = centered * _reciprocal(scale_scales)[:, None]
-        scales = _encode(normalized, level2).reshape(-1)[:n_blocks]
+        normalized = centered * _formats.reciprocal(scale_scales)[:, None]
+        scales = _formats.encode(normalized, level2).reshape(-1)[:n_blocks]
         pad = n_groups * scale_block_size - n_blocks
         grouped = jnp.pad(finite, (0, pad), constant_values=True).reshape(n_groups, -1)
         scale_scales = jnp.where(jnp.all(grouped, axis=1), scale_scales, jnp.nan)
@@ -442,33 +412,3 @@ def _quantize_jit(
         block_size=block_size,
         scale_block_size=scale_block_size,
     )
-
-
-def _reciprocal(scale: jax.Array) -> jax.Array:
-    """``1 / scale``, and 1 where ``scale`` is 0 (an all-zero block encodes to zeros either way)."""
-    return 1.0 / jnp.where(scale > 0, scale, jnp.ones_like(scale))
-
-
-def _encode(y: jax.Array, spec: _formats.Format) -> jax.Array:
-    """The code of the table value nearest to each ``y`` in ``[-1, 1]``; ties go down."""
-    thresholds = spec.thresholds
-    if spec.grid is None:
-        # One fused elementwise pass: count the thresholds at or below y.
-        index = sum(
-            ((y >= np.float32(t)).astype(jnp.int32) for t in thresholds),
-            start=jnp.zeros(y.shape, jnp.int32),
-        )
-    else:
-        # A uniform grid: rounding finds the interval give or take one, and the two
-        # neighbouring thresholds settle it exactly (also at ties).
-        n = thresholds.size
-        guess = jnp.round(y * np.float32(spec.grid)).astype(jnp.int32) + spec.grid + 1
-        guess = jnp.clip(guess, 1, n)
-        table = jnp.asarray(thresholds)
-        up = (guess < n) & (y >= table[jnp.minimum(guess, n - 1)])
-        down = y < table[guess - 1]
-        index = guess + up.astype(jnp.int32) - down.astype(jnp.int32)
-    codes = spec.interval_codes
-    if np.array_equal(codes.astype(np.int64), np.arange(codes.size)):
-        return index.astype(codes.dtype)
-    return jnp.asarray(codes)[index]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora import _paths
 from jaxlora._node import AdapterNode, is_delta_leaf, is_node
@@ -91,20 +93,27 @@ def _apply_delta(base: Any, delta: Any, *, sign: float, requantize: bool = False
         merged = node.merge_into(dense) if sign > 0 else node.unmerge_from(dense)
         merged = merged.astype(weight.dtype)
         if quantized and requantize:
-            merged = quantize_array(
-                merged,
-                format=weight.format,
-                block_size=weight.block_size,
-                double_quant=weight.double_quant,
-                **(
-                    {"double_quant_block_size": weight.scale_block_size}
-                    if weight.double_quant
-                    else {}
-                ),
-            )
+            merged = _requantize_like(weight, merged)
         return _paths.rebox(leaf, merged)
 
     return jax.tree_util.tree_map_with_path(one, delta, base, is_leaf=is_delta_leaf)
+
+
+def _requantize_like(weight: QuantizedArray, merged: jax.Array) -> QuantizedArray:
+    """``merged`` quantized as ``weight`` is: its format, blocks and stored axis order."""
+    stored = merged
+    if weight.axes is not None:  # quantize in the stored order, so blocks run as the file's
+        stored = jnp.transpose(merged, np.argsort(weight.axes))
+    q = quantize_array(
+        stored,
+        format=weight.format,
+        block_size=weight.block_size,
+        double_quant=weight.double_quant,
+        **({"double_quant_block_size": weight.scale_block_size} if weight.double_quant else {}),
+    )
+    if weight.axes is None:
+        return q
+    return dataclasses.replace(q, shape=tuple(weight.shape), axes=weight.axes)
 
 
 def check_structure(base: Any, delta: Any) -> None:

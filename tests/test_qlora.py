@@ -1,5 +1,7 @@
 """QLoRA: a quantized base trained through the use-site engine, and merging into it."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -175,3 +177,18 @@ def test_scanned_qlora_step_compiles_with_every_input_kept(key):
         for q in jax.tree.leaves(qbase, is_leaf=lambda x: isinstance(x, jaxlora.QuantizedArray))
         if isinstance(q, jaxlora.QuantizedArray)
     )
+
+
+def test_requantized_merge_keeps_a_stored_axis_order(key):
+    """A GGUF-style weight stored transposed is requantized in its own stored order."""
+    w = jax.random.normal(key, (64, 96))  # the kernel (in, out); stored (out, in)
+    stored = quant.quantize_array(w.T, format="q4_1", block_size=32)
+    base = {"w": dataclasses.replace(stored, shape=(64, 96), axes=(1, 0))}
+    _, delta = jaxlora.split({"w": w}, jaxlora.LoraConfig(rank=2, targets="w"), key=key)
+    delta = jax.tree.map(lambda x: x + 0.05, delta)
+    merged = jaxlora.merge(base, delta, requantize=True)["w"]
+    assert merged.axes == (1, 0) and merged.shape == (64, 96) and merged.format == "q4_1"
+    exact = jaxlora.merge(base, delta)["w"]  # full precision
+    want = quant.quantize_array(exact.T, format="q4_1", block_size=32)  # blocks along `in`
+    np.testing.assert_array_equal(merged.codes, want.codes)
+    np.testing.assert_array_equal(merged.dequantize(), want.dequantize().T)

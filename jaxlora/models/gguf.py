@@ -63,7 +63,7 @@ _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}  # bytes per block of 32: d (f16), m (f1
 _FLOAT_TYPES = ("F32", "F16")
 
 
-def _require_gguf() -> Any:
+def require_gguf() -> Any:
     """The ``gguf`` package, or an ImportError that says how to install it."""
     if gguf is None:
         raise ImportError("reading GGUF files needs the 'gguf' package: pip install 'gguf>=0.10'")
@@ -72,7 +72,7 @@ def _require_gguf() -> Any:
 
 def _open(path: str | os.PathLike) -> Any:
     """A ``gguf.GGUFReader`` on ``path``, with clear errors for a missing or foreign file."""
-    lib = _require_gguf()
+    lib = require_gguf()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no GGUF file at {path!r}")
@@ -342,7 +342,7 @@ def _raw_tensor(
     if name not in tensors:
         raise ValueError(f"{where} has no tensor {name!r}, which a Llama GGUF needs")
     t = tensors[name]
-    ggml_type = _require_gguf().GGMLQuantizationType(int(t.tensor_type)).name
+    ggml_type = require_gguf().GGMLQuantizationType(int(t.tensor_type)).name
     found = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ggml's ne, fastest first
     if found != shape:
         raise ValueError(f"{where}: tensor {name!r} has shape {found}, expected {shape}")

@@ -70,7 +70,7 @@ def save_gguf_llama(
         >>> bool(np.array_equal(w, params["layers_0"]["self_attn"]["k_proj"]["kernel"]))
         True
     """
-    lib = _gguf._require_gguf()
+    lib = _gguf.require_gguf()
     if format not in _WRITE_FORMATS:
         raise ValueError(f"format must be None, 'q4_1' or 'q8_0'; got {format!r}")
     writer = lib.GGUFWriter(os.fspath(path), arch="llama")

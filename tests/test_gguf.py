@@ -11,6 +11,7 @@ which is located without importing it (its ``__init__`` fails here).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import pathlib
@@ -24,11 +25,14 @@ from tokenizers import pre_tokenizers
 
 import jaxlora
 from jaxlora import memory as _memory
+from jaxlora.io.peft import LLAMA_KEY_MAP
+from jaxlora.models.generate import generate
 from jaxlora.models.gguf import load_gguf_llama, read_gguf_metadata
 from jaxlora.models.gguf_tokenizer import apply_chat_template, load_gguf_tokenizer
 from jaxlora.models.gguf_writer import save_gguf_llama
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.quant import is_quantized
+from tests.fixtures import peft_warnings
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -245,6 +249,47 @@ def test_logits_match_transformers_on_the_real_model(real, hf_model):
         np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     np.testing.assert_allclose(got_qlora, got_dense, atol=2e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_greedy_generation_matches_transformers_generate(real, hf_model):
+    """Our KV-cache decode loop (on the 4-bit codes, through lora_apply) vs ``generate``."""
+    torch, model = hf_model
+    with torch.no_grad():
+        want = model.generate(
+            torch.tensor([CHAT_IDS]), max_new_tokens=12, do_sample=False, eos_token_id=2
+        )[0, len(CHAT_IDS) :].tolist()
+    config, quantized = load_gguf_llama(real)
+    base, delta = jaxlora.split(quantized, jaxlora.LoraConfig(rank=2, targets="q_proj"),
+                                key=jax.random.key(0))  # b = 0: the base model  # fmt: skip
+    lora = jaxlora.lora_apply(lambda p, t, **kw: Llama(config).apply({"params": p}, t, **kw))
+    out = generate(lambda p, t, **kw: lora(p[0], p[1], t, **kw), (base, delta), [CHAT_IDS],
+                   config=config, max_new_tokens=12, eos_id=2)  # fmt: skip
+    assert out.sequences()[0] == want
+
+
+@pytest.mark.slow
+def test_peft_export_of_the_real_model_loads_onto_transformers(real, hf_model, tmp_path):
+    """An adapter of the GGUF model, saved as PEFT files, on transformers' model from that file."""
+    torch, model = hf_model
+    hf_peft = pytest.importorskip("peft")
+    config, dense = load_gguf_llama(real, quantized=False)
+    lora_config = jaxlora.LoraConfig(rank=4, targets=["q_proj", "v_proj", "down_proj"])
+    base, delta = jaxlora.split(dense, lora_config, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    delta = jax.tree.map(
+        lambda x: jnp.asarray(np.asarray(x) + 0.02 * rng.standard_normal(x.shape), x.dtype), delta
+    )
+    jaxlora.save_peft(tmp_path, delta, config=lora_config, key_map=LLAMA_KEY_MAP)
+    with peft_warnings():
+        adapted = hf_peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        want = adapted(torch.tensor([CHAT_IDS])).logits.numpy()
+        plain = model(torch.tensor([CHAT_IDS])).logits.numpy()
+    fn = jaxlora.lora_apply(forward(config))
+    got = np.asarray(jax.jit(fn)(base, delta, jnp.asarray([CHAT_IDS])))
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)  # as for the base model above
+    assert np.abs(want - plain).max() > 0.1  # PEFT really applied the adapter
 
 
 # --- (d) tokenizer and chat template against transformers ----------------------------------

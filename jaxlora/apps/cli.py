@@ -13,6 +13,10 @@ from collections.abc import Sequence
 
 SUBCOMMANDS = {
     "demo": ("jaxlora.apps.demo", "fine-tune a pretrained model with LoRA, end to end"),
+    "demo-llm": (
+        "jaxlora.apps.llm_demo",
+        "fine-tune a chat LLM (SmolLM2-135M, GGUF) with LoRA and QLoRA, generate, export",
+    ),
     "plan": ("jaxlora.apps.plan_cli", "plan training memory for full fine-tuning, LoRA and QLoRA"),
 }
 

@@ -7,6 +7,7 @@ was found. Grouped by function; the corruption cases damage real checkpoints and
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import pathlib
 import shutil
@@ -197,9 +198,20 @@ def _damaged(path: pathlib.Path, tmp_path, edit) -> pathlib.Path:
     return copy
 
 
-# When a data file fails to decode, Orbax abandons its other read coroutines unawaited; that
-# is Orbax's cleanup, not ours, and would otherwise surface as an unraisable warning.
+@pytest.fixture
+def orbax_leftovers():
+    """Collect, inside the test, the read coroutines Orbax abandons when a data file fails.
+
+    When a data file fails to decode, Orbax leaves its other read coroutines unawaited; that is
+    Orbax's cleanup, not ours. Collected later, they would raise an unraisable warning inside
+    whichever test runs next on the worker, so collect them here where the warning is ignored.
+    """
+    yield
+    gc.collect()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.usefixtures("orbax_leftovers")
 def test_every_damaged_checkpoint_file_is_refused_or_unused(tmp_path, split):
     """Flip a byte in, truncate, or delete each file: it loads right or fails naming the path."""
     delta, path = _saved(tmp_path, split)
@@ -238,6 +250,7 @@ def _edit_json(copy, change):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # as above
+@pytest.mark.usefixtures("orbax_leftovers")
 def test_checksums_and_edited_metadata(tmp_path, split):
     _, path = _saved(tmp_path, split)
 

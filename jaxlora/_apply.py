@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxlora import _engine, _paths
 from jaxlora._checks import check_key
+from jaxlora._engine._routing import ROUTINGS
 from jaxlora._merge import check_structure, merge
 from jaxlora._node import is_delta_leaf
 
@@ -18,7 +19,11 @@ STRATEGIES = ("use-site", "merge")
 
 
 def lora_apply(
-    fn: Callable[..., Any], *, strategy: str = "use-site", strict: bool = False
+    fn: Callable[..., Any],
+    *,
+    strategy: str = "use-site",
+    strict: bool = False,
+    routing: str = "auto",
 ) -> Callable[..., Any]:
     """Wraps ``fn(params, *args, **kwargs)`` into ``wrapped(base, delta, *args, **kwargs)``.
 
@@ -45,6 +50,12 @@ def lora_apply(
     model), and example ``i`` (axis 0 of the activations) is computed with
     adapter ``adapter_ids[i]``, all in one pass. An id outside ``[-1, n)``
     raises; under ``jit`` (a traced id) its example's output is NaN instead.
+    ``routing`` says how: ``"gather"`` copies each example's factors (cost
+    independent of how many adapters the batch uses), ``"grouped"`` groups the
+    batch by adapter and reads each adapter once (cost growing with the number
+    of distinct adapters), and ``"auto"`` picks between them at run time by the
+    number of distinct adapters in the batch, at the crossover measured on CPU
+    (``python -m benchmarks.multi``; README, "Many adapters").
 
     Args:
         fn: any function whose first argument is the parameter tree, such as a
@@ -53,6 +64,8 @@ def lora_apply(
             (build ``W + s·a@b`` for every adapted weight, then call ``fn``:
             right for inference, costly for training).
         strict: raise instead of merging a weight at a use the engine cannot factor.
+        routing: ``"auto"``, ``"gather"`` or ``"grouped"``: how a batch routed to
+            several adapters (``adapter_ids=``) is computed; the results agree.
 
     Returns:
         The wrapped function. It works under ``jit``, ``grad``, ``vmap`` and with
@@ -60,7 +73,7 @@ def lora_apply(
 
     Raises:
         TypeError: if ``fn`` is not callable.
-        ValueError: for an unknown strategy; when called, if ``base`` and
+        ValueError: for an unknown strategy or routing; when called, if ``base`` and
             ``delta`` do not match, or if a dropout key is given to the merge
             strategy.
 
@@ -82,6 +95,8 @@ def lora_apply(
         )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}; got {routing!r}")
     warned: set[tuple[str, str]] = set()
 
     @functools.wraps(fn)
@@ -116,6 +131,7 @@ def lora_apply(
             warned=warned,
             dropout_key=dropout_key,
             adapter_ids=adapter_ids,
+            routing=routing,
         )
 
     return wrapped

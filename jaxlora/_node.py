@@ -180,8 +180,8 @@ class AdapterNode:
         """
         return None
 
-    def per_example(self, ids: jax.Array, weight: Any) -> tuple[jax.Array, jax.Array, Any]:
-        """A stacked node's ``(a, b, output_scale)`` for a batch, example ``i`` using ``ids[i]``.
+    def pooled(self, weight: Any) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+        """A stacked node's ``(a, b, scales, output_scale)``: every adapter's, for routing.
 
         Only stacked nodes (:attr:`n_adapters` not ``None``) implement it.
         """
@@ -268,6 +268,37 @@ class AdapterNode:
                 if role == "rank":
                     widths[n_stacked + k] = (0, extra)
             updates[name] = jnp.pad(value, widths)
+        return dataclasses.replace(self, **updates)  # type: ignore[call-arg]
+
+    def truncate_rank(self, rank: int) -> AdapterNode:
+        """This node's first ``rank`` rank components (the inverse of :meth:`pad_rank`)."""
+        updates = {}
+        for name in self.trainable_fields():
+            value = getattr(self, name)
+            n_stacked = value.ndim - len(self.axes[name])
+            index = [slice(None)] * value.ndim
+            for k, role in enumerate(self.axes[name]):
+                if role == "rank":
+                    index[n_stacked + k] = slice(0, rank)
+            updates[name] = value[tuple(index)]
+        return dataclasses.replace(self, **updates)  # type: ignore[call-arg]
+
+    def rank_mask(self, rank: int) -> AdapterNode:
+        """A node of masks: 1 on the first ``rank`` rank components of each array, 0 after.
+
+        Multiplying updates by it keeps the components :meth:`pad_rank` added at zero.
+        """
+        updates = {}
+        for name in self.trainable_fields():
+            value = getattr(self, name)
+            n_stacked = value.ndim - len(self.axes[name])
+            mask = jnp.ones(value.shape, value.dtype)
+            for k, role in enumerate(self.axes[name]):
+                if role == "rank":
+                    axis = n_stacked + k
+                    keep = jnp.arange(value.shape[axis]) < rank
+                    mask = mask * keep.reshape([-1 if d == axis else 1 for d in range(value.ndim)])
+            updates[name] = mask
         return dataclasses.replace(self, **updates)  # type: ignore[call-arg]
 
     def layer(self, index: tuple[int, ...]) -> AdapterNode:

@@ -237,13 +237,14 @@ def test_variants_shard_like_their_weights_and_restore_onto_old_shardings(tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["dora", "vera", "adalora", "rslora"])
-def test_variants_stack_and_route_per_example(kind):
+@pytest.mark.parametrize("routing", ["auto", "gather", "grouped"])
+def test_variants_stack_and_route_per_example(kind, routing):
     params, _, apply = mlp()
     x = normal(4, 7, seed=9)
     config = _configs()[kind]
     base, d0 = jaxlora.split(params, config, key=jax.random.key(1))
     d0, d1 = _perturbed(d0, 4), _perturbed(d0, 5)
-    f = jax.jit(jaxlora.lora_apply(apply, strict=True))
+    f = jax.jit(jaxlora.lora_apply(apply, strict=True, routing=routing))
     for fold in (True, False):
         stacked = jaxlora.stack([d0, d1], fold_scales=fold)
         ids = jnp.array([1, 0, -1, 1])

@@ -48,12 +48,15 @@ def use_site_call(
     warned: set,
     dropout_key: jax.Array | None,
     adapter_ids: jax.Array | None = None,
+    routing: str = "auto",
 ) -> Any:
     """``fn(merge(base, delta), *args, **kwargs)``, computed at each weight's use.
 
     ``nodes`` holds, for each leaf of ``base`` (Flax boxes and quantized arrays
     counting as leaves), its ``LoraNode`` or ``None``. Quantized base weights,
-    adapted or not, are dequantized at each use.
+    adapted or not, are dequantized at each use. With ``adapter_ids`` (stacked
+    nodes), example ``i`` uses adapter ``adapter_ids[i]``, computed the
+    ``routing`` way (see ``_routing``).
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_paths.is_box)
     adapted = [
@@ -75,7 +78,7 @@ def use_site_call(
     inputs = [
         from_quantized(w, _paths.path_str(flat[i][0]))
         if nodes[i] is None
-        else from_node(w, nodes[i], _paths.path_str(flat[i][0]), adapter_ids)
+        else from_node(w, nodes[i], _paths.path_str(flat[i][0]), adapter_ids, routing)
         for i, w in zip(adapted, weights, strict=True)
     ]
     ctx = Context(strict=strict, warned=warned, dropout_key=dropout_key)

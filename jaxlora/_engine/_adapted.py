@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora._engine._lazy import Lazy, value_of
+from jaxlora._engine._routing import Route
 from jaxlora._node import AdapterNode
 from jaxlora.quant import QuantizedArray
 
@@ -45,10 +46,10 @@ class Adapted:
     roles: tuple[Role, ...] = dataclasses.field(metadata=dict(static=True))
     path: str = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
-    out_scale: jax.Array | None = None  # ([E], *S, *O): multiplies the adapted weight's outputs
-    # per-example factors (several adapters in one batch): a, b and out_scale carry a leading
-    # axis E that runs along axis 0 of the activations; the scale is folded into a
-    examples: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    out_scale: jax.Array | None = None  # ([N], *S, *O): multiplies the adapted weight's outputs
+    # several adapters in one batch (adapter_ids): a, b and out_scale carry a leading pool
+    # axis N, one entry per adapter, and the route says which example uses which (_routing)
+    route: Any = None
 
     @property
     def has_factors(self) -> bool:
@@ -67,18 +68,19 @@ class Adapted:
         return self.base.dtype
 
     @property
-    def n_examples_axes(self) -> int:
-        return int(self.examples)
+    def n_lead(self) -> int:
+        """1 when the factors carry a leading pool axis (routed adapters), else 0."""
+        return int(self.route is not None)
 
     def factor_letters(
-        self, letters: dict[Role, str], rank: str, example: str = ""
+        self, letters: dict[Role, str], rank: str, lead: str = ""
     ) -> tuple[str, str]:
         """Einsum subscripts of ``a`` and ``b`` given a letter for every role axis.
 
-        ``example`` names the per-example axis when the factors have one.
+        ``lead`` names the factors' leading axis when they have one (routed).
         """
-        e = example if self.examples else ""
-        skip = self.n_examples_axes + self.n_stacked
+        e = lead if self.n_lead else ""
+        skip = self.n_lead + self.n_stacked
         s = "".join(letters[("s", k)] for k in range(self.n_stacked))
         i = "".join(letters[("i", k)] for k in range(self.a.ndim - skip - 1))
         o = "".join(letters[("o", k)] for k in range(self.b.ndim - skip - 1))
@@ -86,27 +88,32 @@ class Adapted:
 
 
 def from_node(
-    weight: Any, node: AdapterNode, path: str, adapter_ids: jax.Array | None = None
+    weight: Any,
+    node: AdapterNode,
+    path: str,
+    adapter_ids: jax.Array | None = None,
+    routing: str = "auto",
 ) -> Adapted:
     """The ``Adapted`` value of a weight as the program first sees it.
 
-    With ``adapter_ids`` (a stacked node), the factors get a leading
-    per-example axis: example ``i`` uses adapter ``adapter_ids[i]``.
+    With ``adapter_ids`` (a stacked node), the factors keep the stack's leading
+    pool axis and a :class:`~jaxlora._engine._routing.Route` says that example
+    ``i`` uses adapter ``adapter_ids[i]``, computed the ``routing`` way.
     """
     layout = node.layout
-    examples = adapter_ids is not None
+    routed = adapter_ids is not None
     base = _lazy_if_quantized(weight)
-    if examples:
-        a, b, out_scale = node.per_example(
-            adapter_ids, value_of(base) if _needs_weight(node) else None
-        )
-        scale = 1.0
+    route = None
+    if routed:
+        a, b, scales, out_scale = node.pooled(value_of(base) if _needs_weight(node) else None)
+        route = Route(jnp.asarray(adapter_ids, jnp.int32), scales, routing)
+        scale = 1.0  # each adapter's scale is applied per example, from route.scales
     else:
         a, b = node.factors()
         scale = float(node.scale)
         out_scale = node.output_scale(value_of(base)) if _needs_weight(node) else None
     rank = a.shape[-1]
-    lead = a.shape[:1] if examples else ()
+    lead = a.shape[:1] if routed else ()
     if out_scale is not None:
         out_scale = out_scale.reshape(*lead, *layout.stacked, *layout.outputs)
     ns, ni = len(layout.stacked), len(layout.inputs)
@@ -117,7 +124,21 @@ def from_node(
     )
     a = a.reshape(*lead, *layout.stacked, *layout.inputs, rank)
     b = b.reshape(*lead, *layout.stacked, rank, *layout.outputs)
-    return Adapted(base, a, b, scale, tuple(roles), path, node.dropout, out_scale, examples)
+    return Adapted(base, a, b, scale, tuple(roles), path, node.dropout, out_scale, route)
+
+
+def resolved(v: Any) -> Any:
+    """``v`` with a routed weight's pending layer picked (for uses other than a matmul)."""
+    if not isinstance(v, Adapted) or v.route is None or v.route.layer is None:
+        return v
+    route = v.route
+    return dataclasses.replace(
+        v,
+        a=route.picked(v.a),
+        b=route.picked(v.b),
+        out_scale=route.picked(v.out_scale),
+        route=dataclasses.replace(route, layer=None, layer_axis=0),
+    )
 
 
 def _needs_weight(node: AdapterNode) -> bool:
@@ -177,12 +198,13 @@ def broadcast_out_scale(
     """``v.out_scale`` laid out for an output with einsum subscripts ``out_letters``.
 
     ``v_letters`` name the view's axes and ``example`` the activations' example
-    axis (per-example adapters). ``None`` when an output axis of the weight
-    does not reach the output (it is contracted).
+    axis (routed adapters: ``v.out_scale`` has been gathered per example).
+    ``None`` when an output axis of the weight does not reach the output (it
+    is contracted).
     """
     assert v.out_scale is not None
     letters = dict(zip(v.roles, v_letters, strict=True))
-    ns, e = v.n_stacked, v.n_examples_axes
+    ns, e = v.n_stacked, v.n_lead
     n_out = v.out_scale.ndim - ns - e
     so = (
         (example if e else "")
@@ -216,7 +238,7 @@ def reshape(v: Adapted, base: Any, new_shape: tuple[int, ...]) -> Adapted | None
     """
     if not v.has_factors:
         return dataclasses.replace(v, base=base)
-    ns, e = v.n_stacked, v.n_examples_axes
+    ns, e = v.n_stacked, v.n_lead
     lead = v.a.shape[:e]
     sizes = {"s": v.a.shape[e : e + ns], "i": v.a.shape[e + ns : -1], "o": v.b.shape[e + ns + 1 :]}
     live = {kind: [k for k, n in enumerate(ks) if n != 1] for kind, ks in sizes.items()}

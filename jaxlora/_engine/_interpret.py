@@ -62,7 +62,7 @@ class Context:
     def fallback(self, primitive: str, v: Adapted) -> jax.Array:
         if not v.has_factors:  # a quantized weight without adapter: dequantize it here
             return _adapted.materialize(v)
-        if v.examples:
+        if v.route is not None:
             raise FallbackError(
                 f"`{primitive}` uses the adapted weight {v.path!r} in a way the use-site engine "
                 "cannot factor, and with adapter_ids (a different adapter per example) there is "
@@ -121,6 +121,8 @@ def _plain(value: Any, primitive: str, ctx: Context) -> Any:
 
 def _adapted_eqn(eqn: Any, invals: list, ctx: Context) -> list:
     name = eqn.primitive.name
+    if name != "dot_general":  # only the matmul rule reads a routed weight's pending layer
+        invals = [_adapted.resolved(v) for v in invals]
     rule = _RULES.get(name)
     if rule is not None:
         out = rule(eqn, invals, ctx)
@@ -249,19 +251,63 @@ def _scan(eqn: Any, invals: list, ctx: Context) -> list | None:
     closed, n_consts, n_carry, length = p["jaxpr"], p["num_consts"], p["num_carry"], p["length"]
     consts = invals[:n_consts]
     init = [_plain(v, "scan carry", ctx) for v in invals[n_consts : n_consts + n_carry]]
-    xs = [_sliceable(v, length, ctx) for v in invals[n_consts + n_carry :]]
+    # A routed weight's factors hold every adapter of the pool: moving their layer axis to the
+    # front for scan would copy the whole pool on every call. They enter the body whole and
+    # each layer indexes its own slice, which XLA fuses into the gather of the batch's adapters.
+    pools = [_pooled(v) for v in invals[n_consts + n_carry :]]
+    xs = [
+        _sliceable(v if pool is None else pool[0], length, ctx)
+        for v, pool in zip(invals[n_consts + n_carry :], pools, strict=True)
+    ]
+    for x, pool in zip(xs, pools, strict=True):
+        if pool is not None and not isinstance(x, Adapted):  # its base could not be sliced
+            ctx.fallback("scan over a quantized weight whose blocks span layers", pool[1])
     key = ctx.next_key()
     keys = None if key is None else jax.random.split(key, length)
 
     def body(carry: list, x: tuple) -> tuple:
-        xs_i, key_i = x
+        xs_i, key_i, i = x
+        xs_i = [
+            v if pool is None else _pool_layer(v, *pool[1:], i)
+            for v, pool in zip(xs_i, pools, strict=True)
+        ]
         out = evaluate(closed.jaxpr, closed.consts, [*consts, *carry, *xs_i], ctx.child(key_i))
         return out[:n_carry], out[n_carry:]
 
     carry, ys = lax.scan(
-        body, init, (xs, keys), length=length, reverse=p["reverse"], unroll=p["unroll"]
+        body,
+        init,
+        (xs, keys, jnp.arange(length)),
+        length=length,
+        reverse=p["reverse"],
+        unroll=p["unroll"],
     )
     return [*carry, *ys]
+
+
+def _pooled(v: Any) -> tuple[Adapted, Adapted, int] | None:
+    """``(the weight without its factors, the routed weight, its scanned stacked axis)``.
+
+    ``None`` unless ``v`` is a routed weight scanned over a stacked axis.
+    """
+    if not (isinstance(v, Adapted) and v.route is not None and v.has_factors):
+        return None
+    group, k = v.roles[0]
+    if group != "s":
+        return None  # _sliceable falls back
+    bare = dataclasses.replace(v, a=None, b=None, out_scale=None, route=None)
+    return bare, v, k
+
+
+def _pool_layer(sliced: Adapted, v: Adapted, k: int, i: jax.Array) -> Adapted:
+    """Layer ``i`` of the routed weight ``v`` (stacked axis ``k``), on the scan's base slice.
+
+    The layer is only recorded in the route; the matmul rule picks it together
+    with the batch's adapters, other uses first (``_adapted.resolved``).
+    """
+    roles = tuple((g, j - (g == "s" and j > k)) for g, j in v.roles[1:])
+    route = dataclasses.replace(v.route, layer=i, layer_axis=v.n_lead + k)
+    return dataclasses.replace(v, base=sliced.base, roles=roles, route=route)
 
 
 def _sliceable(v: Any, length: int, ctx: Context) -> Any:
@@ -269,7 +315,7 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     if not isinstance(v, Adapted):
         return v
     if v.out_scale is not None and v.has_factors and v.roles[0][0] == "s":
-        axis = v.n_examples_axes + v.roles[0][1]
+        axis = v.n_lead + v.roles[0][1]
         v = dataclasses.replace(v, out_scale=jnp.moveaxis(v.out_scale, axis, 0))
     base = v.base
     if isinstance(base, Lazy):
@@ -281,8 +327,8 @@ def _sliceable(v: Any, length: int, ctx: Context) -> Any:
     group, k = v.roles[0]
     if group != "s":
         return ctx.fallback("scan over a non-stacked axis", v)
-    a = jnp.moveaxis(v.a, v.n_examples_axes + k, 0)
-    b = jnp.moveaxis(v.b, v.n_examples_axes + k, 0)
+    a = jnp.moveaxis(v.a, v.n_lead + k, 0)
+    b = jnp.moveaxis(v.b, v.n_lead + k, 0)
     roles = tuple((g, j - (g == "s" and j > k)) for g, j in v.roles[1:])
     return dataclasses.replace(v, base=base, a=a, b=b, roles=roles)
 

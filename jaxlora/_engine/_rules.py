@@ -8,12 +8,15 @@ interpreter then materializes the weight at that use).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxlora._engine import _routing
 from jaxlora._engine._adapted import Adapted, broadcast_out_scale, letters_for, scaled
 
 
@@ -24,17 +27,20 @@ def _low_rank_einsum(
     v_letters: str,
     out_letters: str,
     *,
-    preferred: Any = None,
+    lead: str = "",
+    weights: tuple[jax.Array, str] | None = None,
 ) -> jax.Array:
     """``einsum(x, Δ)`` with ``Δ`` the view's delta, contracting ``x`` with a factor first.
 
     ``v_letters`` name the view's axes; the factors get the same letters on
-    their role axes plus one for the rank. ``x`` meets the factor with which it
-    contracts more elements first, so the intermediate has a rank-sized axis.
+    their role axes plus one for the rank (and ``lead`` for their leading axis,
+    when routed). ``x`` meets the factor with which it contracts more elements
+    first, so the intermediate has a rank-sized axis. ``weights``, an array and
+    its letters, multiplies that intermediate (per-example scales, slot masks).
     """
-    rank = letters_for(1, skip=x_letters + v_letters + out_letters)[0]
+    rank = letters_for(1, skip=x_letters + v_letters + out_letters + lead)[0]
     letters = dict(zip(v.roles, v_letters, strict=True))
-    sa, sb = v.factor_letters(letters, rank, example=x_letters[0])
+    sa, sb = v.factor_letters(letters, rank, lead=lead)
     contracted = set(x_letters) - set(out_letters)
     size = dict(zip(x_letters, x.shape, strict=True))
 
@@ -54,12 +60,60 @@ def _low_rank_einsum(
     # the scale goes on the rank-sized intermediate: no pass over the activation-sized output,
     # and no scaled copy of a factor for the backward pass to keep
     t = scaled(v, t)
+    if weights is not None:
+        w, w_letters = weights
+        order = "".join(c for c in mid if c in w_letters)
+        w = jnp.einsum(f"{w_letters}->{order}", w)
+        t = t * w.reshape([t.shape[i] if c in w_letters else 1 for i, c in enumerate(mid)]).astype(
+            t.dtype
+        )
     return jnp.einsum(
         f"{mid},{second[1]}->{out_letters}",
         t,
         second[0].astype(dtype),
-        preferred_element_type=preferred,
     )
+
+
+def _routed_term(
+    x: jax.Array, xl: str, v: Adapted, vl: str, out: str
+) -> tuple[jax.Array, jax.Array | None]:
+    """The low-rank term of a routed weight: each example with its own adapter (``_routing``).
+
+    Returns ``(term, out_scale)`` with the output multiplier (DoRA) gathered per
+    example and laid out for the output.
+    """
+    route = v.route
+    ids, scales = _routing.safe_ids(route), _routing.example_scales(route)
+    example = xl[0]
+    out_scale = None
+    if v.out_scale is not None:
+        per = route.rows(v.out_scale, ids)
+        on = (route.ids >= 0).reshape((-1,) + (1,) * (per.ndim - 1))
+        v = dataclasses.replace(v, out_scale=jnp.where(on, per, jnp.ones((), per.dtype)))
+        out_scale = broadcast_out_scale(v, vl, out, example=example)
+
+    def gathered() -> jax.Array:
+        each = dataclasses.replace(v, a=route.rows(v.a, ids), b=route.rows(v.b, ids))
+        return _low_rank_einsum(x, xl, each, vl, out, lead=example, weights=(scales, example))
+
+    def grouped(k: int) -> jax.Array:
+        slots, one_hot = _routing.compact(ids, k)
+        slot = letters_for(1, skip=xl + vl + out)[0]
+        each = dataclasses.replace(v, a=route.rows(v.a, slots), b=route.rows(v.b, slots))
+        w = one_hot * scales[:, None]
+        return _low_rank_einsum(x, xl, each, vl, out, lead=slot, weights=(w, example + slot))
+
+    contracted = set(xl) - set(out)
+    tokens = 1
+    for c, n in zip(xl[1:], x.shape[1:], strict=True):
+        tokens *= 1 if c in contracted else n
+    sizes, with_gather = _routing.buckets(route, x.shape[0], tokens)
+    branches = [functools.partial(grouped, k) for k in sizes] + [gathered] * with_gather
+    if len(branches) == 1:
+        return branches[0](), out_scale
+    # the smallest bucket that holds the batch's distinct adapters, else the gather
+    index = jnp.searchsorted(jnp.asarray(sizes), _routing.distinct(ids))
+    return lax.switch(index, branches), out_scale
 
 
 def dot_general(
@@ -68,19 +122,20 @@ def dot_general(
     """The low-rank term of ``dot_general(x, W)`` (or ``dot_general(W, x)``).
 
     Returns ``(term, out_scale)``: ``out_scale`` is the node's output multiplier
-    laid out for the output (``None`` without one), or the string ``"contracted"``
-    when the weight's output axes are contracted and it cannot be applied.
+    laid out for the output (``None`` without one, or when the weight's output
+    axes are contracted and it cannot be applied).
     """
     (lc, rc), (lb, rb) = dimension_numbers
     if weight_is_lhs:
         (xc, vc), (xb, vb) = (rc, lc), (rb, lb)
     else:
         (xc, vc), (xb, vb) = (lc, rc), (lb, rb)
-    if v.examples and (0 in xc or x.shape[0] != v.a.shape[0]):
+    n_ids = None if v.route is None else v.route.ids.shape[0]
+    if v.route is not None and (0 in xc or x.shape[0] != n_ids):
         raise ValueError(
             f"adapter_ids select one adapter per example along axis 0 of the activations, but "
             f"{v.path!r} meets an input of shape {x.shape} whose axis 0 "
-            f"{'is contracted' if 0 in xc else f'has {x.shape[0]} entries, not {v.a.shape[0]}'}. "
+            f"{'is contracted' if 0 in xc else f'has {x.shape[0]} entries, not {n_ids}'}. "
             "Pass adapter_ids with one id per example of the batch the model sees."
         )
     letters = letters_for(x.ndim + v.base.ndim)
@@ -94,10 +149,13 @@ def dot_general(
     x_free = "".join(c for k, c in enumerate(xl) if k not in xc and k not in xb)
     v_free = "".join(c for k, c in enumerate(vl) if k not in vc and k not in vb)
     out = batch + (v_free + x_free if weight_is_lhs else x_free + v_free)
-    term = _low_rank_einsum(x, "".join(xl), v, "".join(vl), out)
+    x_letters, v_letters = "".join(xl), "".join(vl)
+    if v.route is not None:
+        return _routed_term(x, x_letters, v, v_letters, out)
+    term = _low_rank_einsum(x, x_letters, v, v_letters, out)
     if v.out_scale is None:
         return term, None
-    return term, broadcast_out_scale(v, "".join(vl), out, example=xl[0])
+    return term, broadcast_out_scale(v, v_letters, out)
 
 
 def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
@@ -110,7 +168,7 @@ def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     dnums = params["dimension_numbers"]
     if dnums.operand_batching_dims or dnums.start_indices_batching_dims:
         return None
-    if v.out_scale is not None or v.examples:
+    if v.out_scale is not None or v.route is not None:
         return None
     inputs = [d for d, (g, _) in enumerate(v.roles) if g == "i"]
     if sorted(dnums.collapsed_slice_dims) != inputs or not set(dnums.start_index_map) <= set(
@@ -173,7 +231,7 @@ def conv(x: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     dnums = params["dimension_numbers"]
     if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
         return None
-    if v.out_scale is not None or v.examples:
+    if v.out_scale is not None or v.route is not None:
         return None
     out_axis = dnums.rhs_spec[0]
     if v.roles[out_axis] != ("o", 0) or v.b.ndim != 2 or v.n_stacked:

@@ -154,7 +154,14 @@ def stack(deltas: Sequence[Any], *, fold_scales: bool = True) -> Any:
         nodes = [n if n.scale == common else n.with_scale(common) for n in nodes]
         _check_stackable(path, nodes)
         inner = jax.tree.map(lambda *xs: jnp.stack(xs), *nodes)
-        out.append(StackedNode(inner, None if len(set(scales)) == 1 else scales))
+        ranks = tuple(n.rank for n in column)
+        out.append(
+            StackedNode(
+                inner,
+                None if len(set(scales)) == 1 else scales,
+                None if len(set(ranks)) == 1 and ranks[0] == rank else ranks,
+            )
+        )
     return treedef.unflatten(out)
 
 

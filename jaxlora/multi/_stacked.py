@@ -25,6 +25,10 @@ class StackedNode(AdapterNode, kind="stacked"):
             axis of size ``n`` (its static fields are the adapters' common ones).
         scales: the adapters' scales, one per adapter, when they differ; ``None``
             when every adapter uses ``inner.scale`` (static).
+        ranks: each adapter's own rank before :func:`jaxlora.stack` padded them to
+            the largest (static; ``None``: all of ``inner.rank``). Padded rank
+            components are zero and, trained with :func:`jaxlora.multi.per_adapter`,
+            stay zero; :func:`jaxlora.multi.unstack` cuts them off.
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxlora
@@ -40,6 +44,7 @@ class StackedNode(AdapterNode, kind="stacked"):
 
     inner: AdapterNode
     scales: tuple[float, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+    ranks: tuple[int, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def layout(self) -> _paths.Layout:  # type: ignore[override]
@@ -65,38 +70,39 @@ class StackedNode(AdapterNode, kind="stacked"):
         return int(jax.tree.leaves(self.inner)[0].shape[0])
 
     def select(self, index: int) -> AdapterNode:
-        """The ``index``-th adapter, as a node of the stacked type."""
+        """The ``index``-th adapter, as a node of the stacked type (at the stack's rank)."""
         node = jax.tree.map(lambda x: x[index], self.inner)
         return node if self.scales is None else node.with_scale(self.scales[index])
 
-    def per_example(self, ids: jax.Array, weight: Any) -> tuple[jax.Array, jax.Array, Any]:
-        """Factors for a batch: example ``i`` gets adapter ``ids[i]``, none where ``ids[i] < 0``.
+    def own_ranks(self) -> tuple[int, ...]:
+        """Each adapter's rank before stacking."""
+        return self.ranks if self.ranks is not None else (self.inner.rank,) * self.n_adapters
 
-        Returns ``(a, b, output_scale)``: ``a: (batch, *stacked, n_in, r)`` with
-        each adapter's scale folded in, ``b: (batch, *stacked, r, n_out)``, and
-        ``None`` or the per-example output multiplier ``(batch, *stacked, n_out)``
-        (``1`` where ``ids[i] < 0``) when ``weight`` is given.
+    def masks(self) -> StackedNode:
+        """This node's shape in 0/1 masks: 1 on each adapter's own rank components."""
+        rows = [
+            jax.tree.map(lambda x, i=i: x[i], self.inner).rank_mask(r)
+            for i, r in enumerate(self.own_ranks())
+        ]
+        return dataclasses.replace(self, inner=jax.tree.map(lambda *xs: jnp.stack(xs), *rows))
+
+    def pooled(self, weight: Any) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+        """Every adapter's factors, scale and output multiplier, for routing a batch.
+
+        Returns ``(a, b, scales, output_scale)``: ``a: (n, *stacked, n_in, r)``,
+        ``b: (n, *stacked, r, n_out)``, ``scales: (n,)`` float32, and ``None``
+        or, when ``weight`` is given (DoRA), ``(n, *stacked, n_out)``.
         """
         n = self.n_adapters
-        safe = jnp.clip(ids, 0, n - 1)
-        on = ids >= 0
         a, b = jax.vmap(lambda node: node.factors())(self.inner)
         scales = jnp.asarray(self.scales if self.scales else (self.inner.scale,) * n, jnp.float32)
-        scale = jnp.where(on, scales[safe], 0.0)
-        # an id out of [-1, n) (only possible traced; lora_apply checks concrete ids) makes
-        # its example NaN rather than silently another adapter's
-        scale = jnp.where((ids < -1) | (ids >= n), jnp.nan, scale)
-        a = a[safe]
-        a = a * scale.reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype)
         out_scale = None
         if weight is not None:
             if self.scales is None:
-                per = jax.vmap(lambda node: node.output_scale(weight))(self.inner)
+                out_scale = jax.vmap(lambda node: node.output_scale(weight))(self.inner)
             else:
-                per = jnp.stack([self.select(i).output_scale(weight) for i in range(n)])
-            per = per[safe]
-            out_scale = jnp.where(on.reshape((-1,) + (1,) * (per.ndim - 1)), per, 1.0)
-        return a, b[safe], out_scale
+                out_scale = jnp.stack([self.select(i).output_scale(weight) for i in range(n)])
+        return a, b, scales, out_scale
 
     def factors(self) -> tuple[jax.Array, jax.Array]:
         raise ValueError(
@@ -135,10 +141,15 @@ class StackedNode(AdapterNode, kind="stacked"):
             "inner_kind": self.inner.kind,
             "inner": self.inner.static_metadata(),
             "scales": None if self.scales is None else list(self.scales),
+            "ranks": None if self.ranks is None else list(self.ranks),
         }
 
     @classmethod
     def from_saved(cls, arrays: Mapping[str, Any], metadata: Mapping[str, Any]) -> StackedNode:
         inner = node_type(metadata["inner_kind"]).from_saved(arrays, metadata["inner"])
-        scales = metadata["scales"]
-        return cls(inner, None if scales is None else tuple(float(s) for s in scales))
+        scales, ranks = metadata["scales"], metadata.get("ranks")
+        return cls(
+            inner,
+            None if scales is None else tuple(float(s) for s in scales),
+            None if ranks is None else tuple(int(r) for r in ranks),
+        )

@@ -142,7 +142,8 @@ def _entries(
         if node.n_adapters is not None:
             raise TypeError(
                 f"delta holds a stack of {node.n_adapters} adapters at {path!r}; save each "
-                "adapter on its own (jaxlora.multi.select(stacked, i))."
+                "adapter on its own (jaxlora.multi.unstack(stacked) gives them back at their own "
+                "ranks)."
             )
         node.check_shapes(path)
         config.check_node(path, node)

@@ -40,7 +40,16 @@ TABLES: dict[str, tuple[list[tuple[str, ...]], str]] = {
         [("model", "remat", "targets", "full GiB", "merge", "use-site", "floor", "use/floor")],
         "memory plans",
     ),
-    "multi": ([("forward", "ms", "throughput vs 1 adapter")], "forwards"),
+    "multi": (
+        [
+            ("prefill", "ms", "vs 1 adapter", "vs plain", "vs merged"),
+            ("decode", "ms", "vs 1 adapter", "vs plain", "vs merged"),
+            ("routing crossover", "distinct", "gather ms", "grouped ms", "grouped/gather"),
+            ("decode step", "temp MiB", "peak MiB"),
+            ("multi-tenant training", "N", "one step ms", "N steps ms", "N steps / one"),
+        ],
+        "training 8 adapters",
+    ),
     "peers": (
         [("method", "trainable", "step ms", "time/ref", "MiB", "mem/ref", "GFLOP", "loss0")],
         "train steps",

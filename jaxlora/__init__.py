@@ -11,8 +11,9 @@ merges, serializes, shards and stacks.
 The package reads top to bottom in layers; a module imports only from its own
 layer or below, at module level (``tests/test_package.py`` checks it):
 
-0. paths, configs and nodes: ``_paths``, ``_config``, ``_node`` (the protocol),
-   ``_delta`` (``LoraNode``), ``_placement`` (shardings of adapters), ``_checks``;
+0. paths, configs and nodes: ``_hosts`` (processes of a multi-host run),
+   ``_paths``, ``_config``, ``_node`` (the protocol), ``_delta`` (``LoraNode``),
+   ``_placement`` (shardings of adapters), ``_checks``;
 1. ``quant``: quantized base weights;
 2. ``_split``, ``_merge``, ``_counts``: split, merge/unmerge, masks and counts;
 3. ``_engine``: the use-site interpreter behind ``lora_apply``;

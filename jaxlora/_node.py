@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora._hosts import to_host
 from jaxlora._paths import Layout
 
 __all__ = ["AdapterNode", "Constant", "is_delta_leaf", "is_node", "node_type", "node_types"]
@@ -66,7 +67,8 @@ class Constant:
     a constant shared by many nodes once. The value is a read-only numpy array.
 
     Args:
-        value: the array (copied to the host).
+        value: the array (copied to the host; an array spanning several processes'
+            devices is gathered, which every process must then do alike).
 
     Example:
         >>> import numpy as np
@@ -79,7 +81,7 @@ class Constant:
     __slots__ = ("digest", "value")
 
     def __init__(self, value: Any) -> None:
-        array = np.array(value)
+        array = np.array(to_host(value))
         array.flags.writeable = False
         digest = hashlib.sha256()
         digest.update(f"{array.dtype.str}{array.shape}".encode())

@@ -19,6 +19,7 @@ MAX_LINES = 450
 
 # module prefix -> layer (the longest matching prefix wins)
 LAYERS = {
+    "jaxlora._hosts": 0,
     "jaxlora._paths": 0,
     "jaxlora._config": 0,
     "jaxlora._node": 0,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora._config import config_type
+from jaxlora._hosts import to_host
 from jaxlora._node import Constant
 
 FORMAT = "jaxlora.adapter"
@@ -30,8 +31,9 @@ _CALLABLE_FIELDS = ("targets", "exclude")
 
 
 def checksum(array: Any) -> str:
-    """SHA-256 of an array's dtype, shape and C-order bytes (on the host)."""
-    host = np.ascontiguousarray(np.asarray(array))
+    """SHA-256 of an array's dtype, shape and C-order bytes (on the host, gathered if sharded
+    across processes: every process then computes it, in the same order)."""
+    host = np.ascontiguousarray(to_host(array))
     digest = hashlib.sha256(f"{host.dtype.str}{host.shape}".encode())
     digest.update(host.tobytes())
     return digest.hexdigest()

@@ -5,6 +5,11 @@ writes the JSON metadata last (it is the commit marker), and renames the
 directory into place. Loading refuses temporary directories and directories
 without metadata; loading the latest step skips steps that were never
 committed. Nothing here knows what the files hold.
+
+Under ``jax.distributed`` every process calls the save: the primary process
+creates the temporary directory, every process writes its part of the arrays,
+and after a barrier that all pass the primary writes the metadata and renames;
+a last barrier keeps every process from returning before the commit.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import re
 import shutil
 from collections.abc import Callable
 from typing import Any, NoReturn
+
+from jaxlora._hosts import is_primary, sync
 
 METADATA = "jaxlora_adapter.json"
 ARRAYS = "arrays"
@@ -66,26 +73,35 @@ def write_atomically(
 ) -> None:
     """Writes ``target`` through a temporary sibling: arrays, then metadata (the commit marker).
 
-    ``write_arrays(tmp)`` writes the array data into ``tmp``; the metadata is
-    written last, then the directory is renamed into place. A failure (or a
-    kill) at any point leaves only the temporary directory.
+    ``write_arrays(tmp)`` writes the array data into ``tmp`` (in every process:
+    each writes its own part); the metadata is written last, then the directory
+    is renamed into place, both by the primary process after every process has
+    written its arrays. A failure (or a kill) at any point leaves only the
+    temporary directory. Every process returns after the rename, or raises.
     """
     tmp = target.with_name(target.name + TMP_SUFFIX)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():  # left by an interrupted save of the same target
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    name = f"jaxlora.save {target}"
+    if is_primary():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by an interrupted save of the same target
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    sync(f"{name}: started")
     try:
         write_arrays(tmp)
-        write_json(tmp / METADATA, metadata)
-        _fsync_dir(tmp)
-        if target.is_dir():
-            target.rmdir()  # empty (checked by save_target); rename cannot replace a directory
-        os.rename(tmp, target)
+        sync(f"{name}: arrays written")
+        if is_primary():
+            write_json(tmp / METADATA, metadata)
+            _fsync_dir(tmp)
+            if target.is_dir():
+                target.rmdir()  # empty (checked by save_target); rename cannot replace a directory
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(target.parent)
+    sync(f"{name}: committed")
 
 
 def write_json(path: pathlib.Path, data: Any) -> None:

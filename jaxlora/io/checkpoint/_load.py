@@ -316,7 +316,7 @@ def _placement(
 
 
 def _default_sharding() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
 
 
 def _shardings_by_path(shardings: Any) -> dict[str, Any]:

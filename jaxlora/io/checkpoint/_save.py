@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlora import _paths
+from jaxlora._hosts import is_primary
 from jaxlora._node import Constant, is_delta_leaf, is_node
 from jaxlora.io.checkpoint import _codec, _directory
 from jaxlora.io.checkpoint._codec import describe
@@ -42,8 +43,11 @@ def save_adapter(
     the target, the JSON metadata last, and the directory is then renamed into
     place. A save killed part-way leaves only that temporary directory, which
     :func:`load_adapter` refuses (and the next save of the same target removes).
-    Runs in one process (any number of local devices); sharded arrays are
-    written shard by shard by Orbax.
+    Sharded arrays are written shard by shard by Orbax. Under
+    ``jax.distributed`` every process calls ``save_adapter`` with the same
+    arguments (as SPMD code does): each writes the shards it holds, process 0
+    writes the metadata and commits the rename after a barrier, and no process
+    returns before the checkpoint is committed.
 
     Args:
         directory: without ``step``, the checkpoint directory itself, which must
@@ -110,7 +114,9 @@ def save_adapter(
     }
 
     def write_arrays(tmp: pathlib.Path) -> None:
-        _orbax_save(tmp / ARRAYS, arrays)
+        _orbax_save(tmp / ARRAYS, arrays)  # every process writes the shards it holds
+        if not is_primary():
+            return
         (tmp / CONSTANTS).mkdir()
         for digest, constant in constants.by_digest.items():
             np.save(tmp / CONSTANTS / f"{keys[digest]}.npy", constant.value, allow_pickle=False)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from jaxlora import _paths
+from jaxlora._hosts import to_host
 from jaxlora._node import AdapterNode
 from jaxlora.io.peft._keymaps import KeyMap, stacked_fields
 
@@ -220,8 +221,8 @@ def check_no_suffixes(names: Iterable[str]) -> None:
 
 
 def host(x: Any) -> np.ndarray:
-    """An array on the host, C-contiguous."""
-    return np.ascontiguousarray(np.asarray(x))
+    """An array on the host, C-contiguous (gathered if it spans several processes)."""
+    return np.ascontiguousarray(to_host(x))
 
 
 def most_common(values: Iterable[Any]) -> Any:

@@ -13,6 +13,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxlora import _paths
+from jaxlora._hosts import is_primary, sync
 from jaxlora._node import is_delta_leaf, is_node
 from jaxlora.io.peft._format import (
     CONFIG_NAME,
@@ -48,6 +49,10 @@ def save_peft(
     LoRA, ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern`` and
     ``use_rslora`` are set so that the scale PEFT computes for each module equals
     the adapter's ``scale`` in float32.
+
+    Under ``jax.distributed`` every process calls it: arrays that span several
+    processes are gathered, process 0 writes the files, and every process
+    returns after they are written.
 
     Args:
         directory: the adapter directory; created if missing.
@@ -105,9 +110,12 @@ def save_peft(
         "target_modules": sorted(m.name for m in modules),
     }
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
-    safetensors.numpy.save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if is_primary():  # under jax.distributed every process gathered the tensors; one writes
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+        weights = str(directory / WEIGHTS_NAME)
+        safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
+    sync(f"jaxlora.save_peft {directory.absolute()}: written")
     return directory
 
 

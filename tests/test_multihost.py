@@ -8,6 +8,9 @@ process on its 8 devices (same mesh shape, same data).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -101,3 +104,28 @@ def test_a_process_killed_during_a_save_leaves_nothing_that_loads(tmp_path):
     assert not list(tmp_path.rglob("jaxlora_adapter.json"))
     with pytest.raises(FileNotFoundError, match="no adapter checkpoint"):
         jaxlora.load_adapter(tmp_path / "adapter")
+
+
+def _pod_demo(processes: int, out) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    command = ["pod-demo", "--processes", str(processes), "--steps", "12", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "jaxlora", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [line for line in done.stdout.splitlines() if line.startswith("step")]
+
+
+def test_pod_demo_prints_the_same_losses_on_one_and_two_processes(tmp_path):
+    one, two = _pod_demo(1, tmp_path / "one"), _pod_demo(2, tmp_path / "two")
+    assert len(one) == 3 and one == two, (one, two)
+    first, last = (float(line.split()[-1]) for line in (one[0], one[-1]))
+    assert last < 0.8 * first  # it trains
+    for name in ("up", "down"):
+        a = jaxlora.load_adapter(tmp_path / "one" / "adapter")[0][name]["kernel"]
+        b = jaxlora.load_adapter(tmp_path / "two" / "adapter")[0][name]["kernel"]
+        np.testing.assert_allclose(np.asarray(a.b), np.asarray(b.b), rtol=1e-5, atol=1e-7)

@@ -17,6 +17,10 @@ SUBCOMMANDS = {
         "jaxlora.apps.llm_demo",
         "fine-tune a chat LLM (SmolLM2-135M, GGUF) with LoRA and QLoRA, generate, export",
     ),
+    "pod-demo": (
+        "jaxlora.apps.pod",
+        "one LoRA training run on 1 or N local processes joined by jax.distributed",
+    ),
     "plan": ("jaxlora.apps.plan_cli", "plan training memory for full fine-tuning, LoRA and QLoRA"),
 }
 

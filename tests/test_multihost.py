@@ -63,18 +63,28 @@ def test_checkpoint_saved_by_two_processes_loads_anywhere(pod_run, one_process_r
     base, _ = jaxlora.split(params, programs.CONFIG, key=jax.random.key(0))
     on_mesh, _ = jaxlora.load_adapter(pod / "adapter", base=base)
     assert on_mesh["up"]["kernel"].b.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-    for restored in (on_one, on_mesh):
+    two = jax.make_mesh((1, 2), ("data", "model"), devices=jax.devices()[:2])
+    on_two, _ = jaxlora.load_adapter(
+        pod / "adapter", shardings=jax.sharding.NamedSharding(two, jax.sharding.PartitionSpec())
+    )
+    assert len(on_two["down"]["kernel"].a.sharding.device_set) == 2
+    for restored in (on_one, on_mesh, on_two):
         for name, arrays in _leaves(restored).items():
             for k, value in arrays.items():
                 np.testing.assert_allclose(value, _leaves(reference)[name][k], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("mesh", [[4, 2], [2, 4]])
-def test_pod_restores_what_one_process_saved(one_process_run, mesh):
-    """Saved by one process; restored by both processes onto a (4, 2) and a (2, 4) mesh."""
+@pytest.mark.parametrize("saved_on", ["8 devices", "1 device"])
+def test_pod_restores_what_one_process_saved(one_process_run, tmp_path, mesh, saved_on):
+    """Saved by one process (8 or 1 devices); restored by both onto a (4, 2) and a (2, 4) mesh."""
     single, _ = one_process_run
-    want = _leaves(jaxlora.load_adapter(single / "adapter")[0])
-    for result in launch("load", str(single / "adapter"), mesh):
+    delta, config = jaxlora.load_adapter(single / "adapter")  # on one device
+    want = _leaves(delta)
+    path = single / "adapter"
+    if saved_on == "1 device":
+        path = jaxlora.save_adapter(tmp_path / "one-device", delta, config=config)
+    for result in launch("load", str(path), mesh):
         assert result["config_rank"] == programs.CONFIG.rank
         assert result["up"]["b_spec"] == str(jax.sharding.PartitionSpec(None, "model"))
         assert not result["up"]["b_fully_addressable"]  # it spans both processes' devices

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from jaxlora import _paths
+from jaxlora._hosts import is_primary, sync, to_host
 from jaxlora._node import AdapterNode, is_delta_leaf, is_node
 from jaxlora.models import gguf as _gguf
 from jaxlora.models.llama_config import LlamaConfig
@@ -58,6 +59,9 @@ def save_gguf_lora(
     dtype: str = "F32",
 ) -> None:
     """Writes ``delta`` as a llama.cpp LoRA adapter GGUF for the base it was split from.
+
+    Under ``jax.distributed`` every process calls it: the factors are gathered
+    across processes and process 0 writes the file; all return once it is written.
 
     Args:
         path: the ``.gguf`` file to write.
@@ -103,6 +107,9 @@ def save_gguf_lora(
     if not (isinstance(alpha, int | float) and np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite positive number; got {alpha!r}")
     np_dtype = np.float32 if dtype == "F32" else np.float16
+    if not is_primary():  # under jax.distributed: every process gathered the factors, one writes
+        sync(f"jaxlora.save_gguf_lora {os.path.abspath(path)}: written")
+        return
     writer = lib.GGUFWriter(os.fspath(path), arch="llama")
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
@@ -116,6 +123,7 @@ def save_gguf_lora(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    sync(f"jaxlora.save_gguf_lora {os.path.abspath(path)}: written")
 
 
 def _pairs(delta: Any, config: LlamaConfig) -> Any:
@@ -135,7 +143,7 @@ def _pairs(delta: Any, config: LlamaConfig) -> Any:
             )
         for index, name in _tensor_names(path, node, config):
             layer = node.layer(index)
-            a, b = (np.asarray(f, np.float32) for f in layer.factors())
+            a, b = (to_host(f).astype(np.float32) for f in layer.factors())
             lora_a, lora_b = a.T, b.T  # (r, in), (out, r)
             short = name.split(".")[-2]
             if short in ("attn_q", "attn_k"):

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
     workers = [
         subprocess.Popen([*command, "--process-id", str(i)], env=env) for i in range(args.processes)
     ]
-    codes = [w.wait() for w in workers]
+    while any(w.poll() is None for w in workers):
+        if any(w.poll() not in (None, 0) for w in workers):  # the others would wait at a barrier
+            for w in workers:
+                w.kill()
+        time.sleep(0.1)
+    codes = [w.returncode for w in workers]
     if any(codes):
         print(f"pod-demo: worker exit codes {codes}", file=sys.stderr)
         return 1

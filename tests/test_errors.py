@@ -354,3 +354,13 @@ def test_quantize_and_variant_helpers():
         orthogonality_loss({"w": None})
     with pytest.raises(TypeError, match="config must be an AdaLoraConfig"):
         adalora(jaxlora.LoraConfig(), optax.sgd(0.1))
+
+
+@pytest.mark.parametrize("dtype", ["flaot", jnp.int32, "nonsense dtype"])
+def test_dequantize_with_a_dtype_that_is_not_floating(dtype):
+    q = jaxlora.quantize({"w": jnp.ones((4, 64))})
+    with pytest.raises(TypeError, match=r"dequantize needs a floating dtype .* got"):
+        jaxlora.dequantize(q, dtype)
+    with pytest.raises(TypeError, match=r"dequantize needs a floating dtype"):
+        q["w"].dequantize(dtype)
+    assert jaxlora.dequantize(q, "bfloat16")["w"].dtype == jnp.bfloat16  # names still work

@@ -200,7 +200,21 @@ class QuantizedArray:
         References:
             Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
         """
-        return _dequantize_jit(self, np.dtype(self.dtype if dtype is None else dtype))
+        return _dequantize_jit(self, result_dtype(self.dtype if dtype is None else dtype))
+
+
+def result_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as a floating numpy dtype, or a ``TypeError`` that says what it got."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(
+            f"dequantize needs a floating dtype (jnp.float32, jnp.bfloat16, 'float16', ...) or "
+            f"None for each weight's original dtype; got {dtype!r}"
+        )
+    return np.dtype(resolved)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))

@@ -34,7 +34,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jaxlora import _paths
 from jaxlora.quant import _formats
-from jaxlora.quant._array import QuantizedArray, is_quantized
+from jaxlora.quant._array import QuantizedArray, is_quantized, result_dtype
 
 DOUBLE_QUANT_BLOCK_SIZE = 256
 _MAX_LISTED_PATHS = 12
@@ -263,6 +263,9 @@ def dequantize(tree: Any, dtype: DTypeLike | None = None) -> Any:
     References:
         Dettmers et al. 2023, QLoRA. https://arxiv.org/abs/2305.14314
     """
+
+    if dtype is not None:
+        result_dtype(dtype)  # a clear error before touching the tree
 
     def restore(leaf: Any) -> Any:
         value = _paths.unbox(leaf)

@@ -41,22 +41,9 @@ import jax.numpy as jnp
 import optax
 
 import jaxlora
-from benchmarks._common import interleaved, parse_args
+from benchmarks._common import interleaved, parse_args, small_llama
 from jaxlora import memory as _memory
-from jaxlora.models.llama import KVCache, Llama, LlamaConfig
-
-
-def _model(quick: bool, max_len: int) -> tuple[Llama, Any]:
-    if quick:
-        cfg = LlamaConfig.tiny(max_len=max_len, scan_layers=True)
-    else:
-        cfg = LlamaConfig(
-            vocab_size=4096, d_model=512, n_layers=4, n_heads=8, d_ff=1408, max_len=max_len,
-            scan_layers=True,
-        )  # fmt: skip
-    model = Llama(cfg)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    return model, params
+from jaxlora.models.llama import KVCache, Llama
 
 
 def _adapters(params: Any, n: int, rank: int) -> tuple[Any, list[Any]]:
@@ -293,7 +280,7 @@ def main() -> None:
         parser, rounds=2, adapters=8, batch=8, seq=4, rank=2, crossover=[1, 4],
         train_batch=8, train_seq=8,
     )  # fmt: skip
-    model, params = _model(args.quick, max_len=64)
+    model, _, params = small_llama(1, seq=64, quick=args.quick)
     _serving(model, params, args)
     _crossover(model, params, args)
     _memory_plans(model, params, args)

@@ -61,12 +61,8 @@ def _low_rank_einsum(
     # and no scaled copy of a factor for the backward pass to keep
     t = scaled(v, t)
     if weights is not None:
-        w, w_letters = weights
-        order = "".join(c for c in mid if c in w_letters)
-        w = jnp.einsum(f"{w_letters}->{order}", w)
-        t = t * w.reshape([t.shape[i] if c in w_letters else 1 for i, c in enumerate(mid)]).astype(
-            t.dtype
-        )
+        w, w_letters = weights  # its letters are among the intermediate's
+        t = jnp.einsum(f"{mid},{w_letters}->{mid}", t, w.astype(t.dtype))
     return jnp.einsum(
         f"{mid},{second[1]}->{out_letters}",
         t,

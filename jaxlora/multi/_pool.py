@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxlora._delta import LoraNode
 from jaxlora._node import AdapterNode, is_delta_leaf, is_node
-from jaxlora.multi._stack import check_rank, with_paths
+from jaxlora.multi._stack import check_rank, stacked_nodes, with_paths
 from jaxlora.multi._stacked import StackedNode
 
 __all__ = ["adapter_pool", "clear", "put"]
@@ -116,7 +116,7 @@ def put(pool: Any, slot: int, delta: Any) -> Any:
         >>> bool(jnp.allclose(y[0], f(base, d, x)[0], atol=1e-5))
         True
     """
-    capacity = _capacity(pool)
+    capacity = _capacity(pool, "put")
     _check_slot(slot, capacity)
     pool_pairs, pairs = with_paths(pool), with_paths(delta)
     adapted = {p for p, n in pool_pairs if n is not None}
@@ -146,7 +146,7 @@ def clear(pool: Any, slot: int) -> Any:
         >>> float(jnp.abs(jaxlora.multi.clear(pool, 0)["w"].inner.a[0]).max())
         0.0
     """
-    _check_slot(slot, _capacity(pool))
+    _check_slot(slot, _capacity(pool, "clear"))
     rows = jax.tree.map(
         lambda n: None if n is None else jax.tree.map(lambda x: jnp.zeros_like(x[0]), n.inner),
         pool,
@@ -155,11 +155,9 @@ def clear(pool: Any, slot: int) -> Any:
     return _write(pool, jnp.asarray(slot, jnp.int32), rows)
 
 
-def _capacity(pool: Any) -> int:
-    nodes = [n for _, n in with_paths(pool) if n is not None]
-    if not nodes or not all(isinstance(n, StackedNode) for n in nodes):
-        raise ValueError("pass a pool from jaxlora.multi.adapter_pool")
-    return nodes[0].n_adapters
+def _capacity(pool: Any, what: str) -> int:
+    needs = "a pool (pass a pool from jaxlora.multi.adapter_pool)"
+    return stacked_nodes(pool, what, needs)[0].n_adapters
 
 
 def _check_slot(slot: Any, capacity: int) -> None:

@@ -35,6 +35,19 @@ def with_paths(delta: Any) -> list[tuple[str, Any]]:
     return [(_paths.path_str(p), n) for p, n in flat]
 
 
+def stacked_nodes(
+    stacked: Any,
+    what: str,
+    needs: str = "a stacked delta from jaxlora.stack([delta_1, ..., delta_n])",
+) -> list[StackedNode]:
+    """The stacked nodes of ``stacked``, or a ``ValueError`` naming what it holds instead."""
+    nodes = [n for _, n in with_paths(stacked) if n is not None]
+    if not nodes or not all(isinstance(n, StackedNode) for n in nodes):
+        kinds = sorted({type(n).__name__ for n in nodes}) or ["no adapters"]
+        raise ValueError(f"{what} needs {needs}; got {', '.join(kinds)}")
+    return nodes
+
+
 def check_rank(rank: Any, what: str) -> None:
     """Raises unless ``rank`` is an int >= 1 (``what`` names the argument)."""
     if not isinstance(rank, numbers.Integral) or isinstance(rank, bool):

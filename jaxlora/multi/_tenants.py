@@ -26,20 +26,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxlora._node import is_delta_leaf
-from jaxlora.multi._stacked import StackedNode
+from jaxlora.multi._stack import stacked_nodes
 
 __all__ = ["per_adapter", "per_adapter_loss", "unstack"]
-
-
-def _stacked_nodes(stacked: Any, what: str) -> list[StackedNode]:
-    nodes = [n for n in jax.tree.leaves(stacked, is_leaf=is_delta_leaf) if n is not None]
-    if not nodes or not all(isinstance(n, StackedNode) for n in nodes):
-        kinds = sorted({type(n).__name__ for n in nodes}) or ["no adapters"]
-        raise ValueError(
-            f"{what} needs a stacked delta from jaxlora.stack([delta_1, ..., delta_n]); got "
-            f"{', '.join(kinds)}"
-        )
-    return nodes
 
 
 def unstack(stacked: Any) -> list[Any]:
@@ -68,7 +57,7 @@ def unstack(stacked: Any) -> list[Any]:
         >>> [d["w"].rank for d in back], [d["w"].scale for d in back]
         ([1, 2], [4.0, 2.0])
     """
-    n = _stacked_nodes(stacked, "unstack")[0].n_adapters
+    n = stacked_nodes(stacked, "unstack")[0].n_adapters
 
     def one(i: int) -> Any:
         def node(x: Any) -> Any:
@@ -182,7 +171,7 @@ def per_adapter(
     rates = None if learning_rates is None else list(learning_rates)
 
     def check(tree: Any) -> int:
-        n = _stacked_nodes(tree, "per_adapter")[0].n_adapters
+        n = stacked_nodes(tree, "per_adapter")[0].n_adapters
         if rates is not None and len(rates) != n:
             raise ValueError(
                 f"per_adapter got {len(rates)} learning rates for a stack of {n} adapters; "

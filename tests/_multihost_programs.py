@@ -121,3 +121,129 @@ def save_and_die(directory: str, mesh_shape: list[int]) -> dict:
     _save._orbax_save = write_then_die
     jaxlora.save_adapter(os.path.join(directory, "adapter"), delta, config=CONFIG)
     return {"committed": True}
+
+
+def _checksum(tree) -> float:
+    """One number for a tree of (possibly global) arrays, equal on every process."""
+    leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+    return float(sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves))
+
+
+def public_api(directory: str, mesh_shape: list[int]) -> dict:
+    """Every public function on global arrays: ``{name: {"value": ...} or {"error": ...}}``.
+
+    In a pod the arrays span both processes' devices; the test compares each
+    value with the one-process run and checks each error names what to use.
+    """
+    import jaxlora.plan
+    from jaxlora import multi, variants
+    from jaxlora.models import llama
+    from jaxlora.models.gguf_lora import save_gguf_lora
+    from jaxlora.variants import AdaLoraConfig, VeraConfig
+
+    mesh, params = _base(mesh_shape)
+    base, delta = _delta(params)
+    x = _global(np.ones((BATCH, D_IN), np.float32), NamedSharding(mesh, P("data")))
+    merged = jaxlora.merge(base, delta)
+    calls = {
+        "split": lambda: jaxlora.split(params, CONFIG, key=jax.random.key(0))[1],
+        "split_dora": lambda: jaxlora.split(
+            params,
+            jaxlora.LoraConfig(rank=4, targets="kernel", use_dora=True),
+            key=jax.random.key(0),
+        )[1],
+        "split_vera": lambda: jaxlora.split(
+            params, VeraConfig(rank=4, targets="kernel"), key=jax.random.key(0)
+        )[1],
+        "split_pissa": lambda: jaxlora.split(
+            params,
+            jaxlora.LoraConfig(rank=4, targets="kernel", init="pissa"),
+            key=jax.random.key(0),
+        ),
+        "merge": lambda: merged,
+        "unmerge": lambda: jaxlora.unmerge(merged, delta),
+        "lora_apply eager": lambda: jaxlora.lora_apply(_model)(base, delta, x),
+        "trainable_mask": lambda: float(sum(jax.tree.leaves(jaxlora.trainable_mask(delta)))),
+        "count_parameters": lambda: float(jaxlora.count_parameters(base, delta).trainable),
+        "summary": lambda: float(len(jaxlora.summary(delta))),
+        "adapter_nbytes": lambda: float(jaxlora.adapter_nbytes(delta)),
+        "adapter_shardings": lambda: float(
+            len(
+                jax.tree.leaves(
+                    jaxlora.adapter_shardings(jax.tree.map(lambda w: w.sharding, base), delta)
+                )
+            )
+        ),
+        "quantize": lambda: jaxlora.dequantize(jaxlora.quantize(params, block_size=16)),
+        "pad_rank": lambda: multi.pad_rank(delta, 8),
+        "stack": lambda: multi.stack([delta, delta]),
+        "unstack": lambda: multi.unstack(multi.stack([delta, delta]))[1],
+        "combine cat": lambda: multi.combine_adapters([delta, delta], [1.0, 0.5]),
+        "combine svd": lambda: multi.combine_adapters(
+            [delta, delta], [1.0, 0.5], method="svd", rank=2
+        ),
+        "adapter_pool put": lambda: multi.put(
+            multi.adapter_pool(delta, capacity=2, rank=4), 1, delta
+        ),
+        "plan": lambda: float(
+            jaxlora.plan.plan(
+                _model, params, CONFIG, batch=x, optimizer=optax.adam(1e-3), mesh=mesh
+            ).lora.peak_bytes
+            > 0
+        ),
+        "split placed": lambda: jax.device_put(
+            jaxlora.split(params, CONFIG, key=jax.random.key(0))[1],
+            jaxlora.adapter_shardings(jax.tree.map(lambda w: w.sharding, base), delta),
+        ),
+        "to_lora": lambda: variants.to_lora(_adalora_step(ada_base, ada_delta, ada_config, x)),
+        "adalora step": lambda: _adalora_step(ada_base, ada_delta, ada_config, x),
+        "allocate_ranks": lambda: float(
+            sum(
+                variants.allocate_ranks(
+                    lambda p, xb: jnp.sum(_model(p, xb) ** 2), params, [x], CONFIG, budget=400
+                ).values()
+            )
+        ),
+        "load_peft": lambda: jaxlora.load_peft(
+            os.path.join(directory, "peft"), base=base, key_map=lambda p: p
+        )[0],
+        "save_adapter": lambda: float(
+            jaxlora.save_adapter(os.path.join(directory, "a"), delta, config=CONFIG) is not None
+        ),
+    }
+    ada_config = AdaLoraConfig(targets="kernel", init_rank=4, target_rank=2, total_step=4)
+    ada_base, ada_delta = jax.jit(lambda p: jaxlora.split(p, ada_config, key=jax.random.key(3)))(
+        params
+    )
+    jaxlora.save_peft(os.path.join(directory, "peft"), delta, config=CONFIG, key_map=lambda p: p)
+    config = llama.LlamaConfig.tiny()
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    llama_params = llama.Llama(config).init(jax.random.key(0), tokens)["params"]
+    replicated = NamedSharding(mesh, P())
+    llama_params = jax.tree.map(lambda w: _global(np.asarray(w), replicated), llama_params)
+    _, llama_delta = jaxlora.split(llama_params, jaxlora.LoraConfig(rank=4), key=jax.random.key(1))
+    calls["save_gguf_lora"] = lambda: float(
+        save_gguf_lora(os.path.join(directory, "a.gguf"), llama_delta, config=config) is None
+    )
+    out = {}
+    for name, call in calls.items():
+        try:
+            value = call()
+            out[name] = {"value": value if isinstance(value, float) else _checksum(value)}
+        except Exception as e:  # the test reads the type and message
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def _adalora_step(base, delta, config, x):
+    """Two AdaLoRA optimizer steps (the budget schedule and masks run on global arrays)."""
+    from jaxlora import variants
+
+    tx = variants.adalora(config, optax.adam(1e-2))
+    apply = jaxlora.lora_apply(_model)
+    state = tx.init(delta)
+    for _ in range(2):
+        grads = jax.grad(lambda d: jnp.sum(apply(base, d, x) ** 2))(delta)
+        updates, state = tx.update(grads, state, delta)
+        delta = optax.apply_updates(delta, updates)
+    return delta

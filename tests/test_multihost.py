@@ -139,3 +139,19 @@ def test_pod_demo_prints_the_same_losses_on_one_and_two_processes(tmp_path):
         a = jaxlora.load_adapter(tmp_path / "one" / "adapter")[0][name]["kernel"]
         b = jaxlora.load_adapter(tmp_path / "two" / "adapter")[0][name]["kernel"]
         np.testing.assert_allclose(np.asarray(a.b), np.asarray(b.b), rtol=1e-5, atol=1e-7)
+
+
+def test_every_public_function_works_on_arrays_that_span_processes(tmp_path):
+    """split (plain, DoRA, VeRA, PiSSA), merge/unmerge, lora_apply, counts, quantize, the
+    many-adapter tools, AdaLoRA, rank allocation, the planner and every writer and reader,
+    called by both processes on global arrays, give the one-process values."""
+    pod = launch("public_api", str(tmp_path / "pod"), [4, 2], timeout=240)
+    single = programs.public_api(str(tmp_path / "single"), [4, 2])
+    assert len(single) >= 25 and all("value" in r for r in single.values()), single
+    for result in pod:
+        assert result.keys() == single.keys()
+        for name, want in single.items():
+            assert "value" in result[name], (name, result[name])
+            np.testing.assert_allclose(
+                result[name]["value"], want["value"], rtol=1e-5, err_msg=name
+            )

@@ -42,7 +42,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from jaxlora import _paths
-from jaxlora._node import AdapterNode, is_delta_leaf, is_node
+from jaxlora._node import AdapterNode, delta_items, is_delta_leaf, is_node
 from jaxlora._placement import factor_specs as factor_specs
 from jaxlora._placement import node_shardings, node_specs
 
@@ -103,13 +103,19 @@ def adapter_shardings(base_shardings: Any, delta: Any) -> Any:
     def one(key_path: Any, node: Any, leaf: Any) -> Any:
         if node is None:
             return None
-        if not is_node(node):
-            raise TypeError(
-                f"delta holds a {type(node).__name__} at {jax.tree_util.keystr(key_path)}; "
-                "expected an adapter node or None. Pass the delta from jaxlora.split."
-            )
         return _node_shardings(_paths.path_str(key_path), node, leaf)
 
+    if any(is_node(x) for x in jax.tree.leaves(base_shardings, is_leaf=is_node)):
+        raise TypeError(
+            "adapter_shardings(base_shardings, delta): base_shardings holds adapter nodes; the "
+            "arguments look swapped. Pass the base's shardings first, then the delta."
+        )
+    delta_items(delta, "adapter_shardings")
+    if base_shardings is None:
+        raise TypeError(
+            "adapter_shardings: base_shardings is None; pass a tree of the base's shardings "
+            "with the structure of the parameters, e.g. jax.tree.map(lambda w: w.sharding, base)."
+        )
     try:
         return jax.tree_util.tree_map_with_path(one, delta, base_shardings, is_leaf=is_delta_leaf)
     except ValueError as e:

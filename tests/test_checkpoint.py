@@ -251,7 +251,7 @@ def test_not_a_delta_and_config_mismatches(tmp_path, key):
     params = {"dense": {"kernel": ones(4, 3), "bias": ones(3, value=0.0)}}
     config = jaxlora.LoraConfig(rank=2, targets="dense")
     base, delta = jaxlora.split(params, config, key=key)
-    with pytest.raises(TypeError, match=r"delta holds an array .* at \['dense'\]\['bias'\]"):
+    with pytest.raises(TypeError, match=r"delta holds an array .* at 'dense/bias'"):
         save_adapter(tmp_path / "x", base, config=config)
     with pytest.raises(ValueError, match=r"delta holds no adapter node"):
         save_adapter(tmp_path / "x", jax.tree.map(lambda _: None, params), config=config)

@@ -26,12 +26,10 @@ import os
 import re
 from typing import Any
 
-import jax
 import numpy as np
 
-from jaxlora import _paths
 from jaxlora._hosts import is_primary, sync, to_host
-from jaxlora._node import AdapterNode, is_delta_leaf, is_node
+from jaxlora._node import AdapterNode, delta_items
 from jaxlora.models import gguf as _gguf
 from jaxlora.models.llama_config import LlamaConfig
 
@@ -128,13 +126,9 @@ def save_gguf_lora(
 
 def _pairs(delta: Any, config: LlamaConfig) -> Any:
     """``(tensor name, lora_a (r, in), lora_b (out, r), scale)`` per adapted matrix."""
-    flat = jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_delta_leaf)[0]
-    for key_path, node in flat:
+    for path, node in delta_items(delta, "save_gguf_lora"):
         if node is None:
             continue
-        path = _paths.path_str(key_path)
-        if not is_node(node):
-            raise TypeError(f"delta holds {type(node).__name__} at {path!r}; pass a delta")
         if type(node).output_scale is not AdapterNode.output_scale or node.n_adapters:
             raise TypeError(
                 f"{path!r} holds a {type(node).__name__}, which llama.cpp's LoRA adapters cannot "

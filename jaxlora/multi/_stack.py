@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import _paths
-from jaxlora._node import AdapterNode, is_delta_leaf, is_node
+from jaxlora._node import AdapterNode, delta_items, is_delta_leaf, is_node
 from jaxlora.multi._stacked import StackedNode
 
 __all__ = [
@@ -91,14 +91,10 @@ def pad_rank(delta: Any, rank: int, *, fold_scale: bool = True) -> Any:
     """
     check_rank(rank, "rank")
     out = []
-    for path, node in with_paths(delta):
+    for path, node in delta_items(delta, "pad_rank"):
         if node is None:
             out.append(None)
             continue
-        if not is_node(node):
-            raise TypeError(
-                f"delta holds {type(node).__name__} at {path!r}; pass a delta from jaxlora.split"
-            )
         if node.rank > rank:
             raise ValueError(
                 f"{path!r} has rank {node.rank}, more than the requested rank {rank}; "

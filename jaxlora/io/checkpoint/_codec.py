@@ -39,13 +39,6 @@ def checksum(array: Any) -> str:
     return digest.hexdigest()
 
 
-def describe(x: Any) -> str:
-    """A short description of a value for error messages."""
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return f"a {type(x).__name__} ({x!r:.40})"
-
-
 # ----------------------------------------------------------------------------- constants
 
 

@@ -24,9 +24,8 @@ import orbax.checkpoint as ocp
 
 from jaxlora import _paths
 from jaxlora._hosts import is_primary
-from jaxlora._node import Constant, is_delta_leaf, is_node
+from jaxlora._node import Constant, delta_items, is_delta_leaf
 from jaxlora.io.checkpoint import _codec, _directory
-from jaxlora.io.checkpoint._codec import describe
 from jaxlora.io.checkpoint._directory import ARRAYS, CONSTANTS
 
 
@@ -129,6 +128,7 @@ def _entries(
     delta: Any, config: Any, constants: _codec.Constants
 ) -> tuple[list[dict[str, Any]], list[list[Any]], dict[str, dict[str, Any]]]:
     """Metadata entries, hole key paths and the array tree for Orbax; validates the delta."""
+    delta_items(delta, "save_adapter")  # every leaf a node or a hole
     flat = jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_delta_leaf)[0]
     entries: list[dict[str, Any]] = []
     holes: list[list[Any]] = []
@@ -139,12 +139,6 @@ def _entries(
         if node is None:
             holes.append(keys)
             continue
-        if not is_node(node):
-            raise TypeError(
-                f"delta holds {describe(node)} at {jax.tree_util.keystr(key_path)}; a delta has "
-                "adapter-node leaves and None holes. Pass the second output of jaxlora.split "
-                "(base, delta = jaxlora.split(params, config, key=key))."
-            )
         if node.n_adapters is not None:
             raise TypeError(
                 f"delta holds a stack of {node.n_adapters} adapters at {path!r}; save each "

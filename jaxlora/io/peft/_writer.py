@@ -8,13 +8,11 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 import safetensors.numpy
 
-from jaxlora import _paths
 from jaxlora._hosts import is_primary, sync
-from jaxlora._node import is_delta_leaf, is_node
+from jaxlora._node import delta_items
 from jaxlora.io.peft._format import (
     CONFIG_NAME,
     PREFIX,
@@ -124,15 +122,9 @@ def _modules(delta: Any, key_map: KeyMap) -> tuple[PeftCodec, list[Module]]:
     first_path = ""
     modules: list[Module] = []
     owner: dict[str, str] = {}
-    for key_path, node in jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_delta_leaf)[0]:
-        path = _paths.path_str(key_path)
+    for path, node in delta_items(delta, "save_peft"):
         if node is None:
             continue
-        if not is_node(node):
-            raise TypeError(
-                f"delta holds {type(node).__name__} at {path!r}; a delta holds adapter nodes "
-                "and None. Pass the delta that jaxlora.split returned."
-            )
         node_codec = codec_of(node.kind)
         if node_codec is None:
             raise TypeError(

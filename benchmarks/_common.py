@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlora import memory as _memory
+import jaxlora.memory
 from jaxlora.apps.progress import progress
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 
@@ -90,10 +90,10 @@ def full_memory(
     optimizer: optax.GradientTransformation,
     params: Any,
     tokens: Any,
-) -> _memory.MemoryReport:
+) -> jaxlora.memory.MemoryReport:
     """XLA's plan of a full fine-tuning step, parameters and optimizer state donated."""
-    return _memory.memory_of(
-        _memory.full_step(loss, optimizer),
+    return jaxlora.memory.memory_of(
+        jaxlora.memory.full_step(loss, optimizer),
         params,
         jax.eval_shape(optimizer.init, params),
         tokens,

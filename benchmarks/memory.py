@@ -31,9 +31,9 @@ import sys
 if not __package__:  # run as ``python benchmarks/memory.py``: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlora import memory as _memory
+import jaxlora.memory
 
-_memory.use_memory_minimizing_cpu_scheduler()  # before JAX starts: GPU-like memory plans
+jaxlora.memory.use_memory_minimizing_cpu_scheduler()  # before JAX starts: GPU-like memory plans
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -58,10 +58,10 @@ def measure(model_config: LlamaConfig, targets: str, *, batch: int, seq: int) ->
     adam = optax.adam(1e-4)
     out = {}
     out["full"] = full_memory(loss, adam, params, tokens)
-    tx = _memory.lora_optimizer(adam, delta)
+    tx = jaxlora.memory.lora_optimizer(adam, delta)
     for strategy in ("merge", "use-site"):
-        out[strategy] = _memory.memory_of(
-            _memory.lora_step(loss, tx, strategy=strategy),
+        out[strategy] = jaxlora.memory.memory_of(
+            jaxlora.memory.lora_step(loss, tx, strategy=strategy),
             delta,
             jax.eval_shape(tx.init, delta),
             base,
@@ -72,7 +72,9 @@ def measure(model_config: LlamaConfig, targets: str, *, batch: int, seq: int) ->
         model.apply({"params": p}, inputs_embeds=e), toks
     )
     embeds = jax.ShapeDtypeStruct((batch, seq, model_config.d_model), model_config.dtype)
-    out["floor"] = _memory.memory_of(_memory.floor_step(embed_loss), params, embeds, tokens)
+    out["floor"] = jaxlora.memory.memory_of(
+        jaxlora.memory.floor_step(embed_loss), params, embeds, tokens
+    )
     return out
 
 

@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import optax
 
 import jaxlora
+import jaxlora.memory
 from benchmarks._common import interleaved, parse_args, small_llama
-from jaxlora import memory as _memory
+from jaxlora.apps.progress import progress
 from jaxlora.models.llama import KVCache, Llama
 
 
@@ -158,17 +159,19 @@ def _memory_plans(model: Llama, params: Any, args: argparse.Namespace) -> None:
         lambda d: jaxlora.multi.adapter_pool(d, capacity=args.adapters, rank=args.rank), deltas[0]
     )
     ids = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
-    a_base, a_kw = _memory.abstract(base), _memory.abstract(shape.kw)
-    tokens = _memory.abstract(shape.tokens)
+    a_base, a_kw = jaxlora.memory.abstract(base), jaxlora.memory.abstract(shape.kw)
+    tokens = jaxlora.memory.abstract(shape.tokens)
     plans = {
-        "one plain adapter": _memory.memory_of(
-            shape.plain, a_base, _memory.abstract(deltas[0]), tokens, a_kw
+        "one plain adapter": jaxlora.memory.memory_of(
+            shape.plain, a_base, jaxlora.memory.abstract(deltas[0]), tokens, a_kw
         )
     }
-    for r in ("gather", "grouped", "auto"):
-        plans[f"pool, routing={r}"] = _memory.memory_of(
-            shape.routed[r], a_base, abstract_pool, tokens, ids, a_kw
-        )
+    with progress(3, "memory plans") as bar:
+        for r in ("gather", "grouped", "auto"):
+            plans[f"pool, routing={r}"] = jaxlora.memory.memory_of(
+                shape.routed[r], a_base, abstract_pool, tokens, ids, a_kw
+            )
+            bar.update()
     pool_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_pool))
     base_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(a_base))
     print(

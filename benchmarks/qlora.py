@@ -33,9 +33,9 @@ if not __package__:  # run as ``python benchmarks/qlora.py``: make ``benchmarks`
 
 import dataclasses
 
-from jaxlora import memory as _memory
+import jaxlora.memory
 
-_memory.use_memory_minimizing_cpu_scheduler()
+jaxlora.memory.use_memory_minimizing_cpu_scheduler()
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -72,12 +72,12 @@ def memory_rows(preset, dtype, *, seq: int) -> dict:
     qbase = jax.eval_shape(lambda b: jaxlora.quantize(b, targets=QUANT_TARGETS), base)
     loss = lm_loss(model)
     adam = optax.adam(1e-4)
-    tx = _memory.lora_optimizer(adam, delta)
-    lora = _memory.lora_step(loss, tx)
+    tx = jaxlora.memory.lora_optimizer(adam, delta)
+    lora = jaxlora.memory.lora_step(loss, tx)
     full = full_memory(loss, adam, params, tokens)
     state = jax.eval_shape(tx.init, delta)
-    lora_m = _memory.memory_of(lora, delta, state, base, tokens, donate_argnums=(0, 1))
-    qlora_m = _memory.memory_of(lora, delta, state, qbase, tokens, donate_argnums=(0, 1))
+    lora_m = jaxlora.memory.memory_of(lora, delta, state, base, tokens, donate_argnums=(0, 1))
+    qlora_m = jaxlora.memory.memory_of(lora, delta, state, qbase, tokens, donate_argnums=(0, 1))
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     kernels = [x for p, x in flat if jax.tree_util.keystr(p).endswith("'kernel']")]
     largest = max(math.prod(x.shape[1:]) for x in kernels) * jnp.dtype(dtype).itemsize
@@ -107,8 +107,8 @@ def step_times(rounds: int, *, quick: bool = False) -> tuple[dict, LlamaConfig]:
     base, delta = jaxlora.split(params, config, key=key)
     qbase = jaxlora.quantize(base, targets=QUANT_TARGETS)
     loss = lm_loss(model)
-    tx = _memory.lora_optimizer(optax.adam(1e-4), delta)
-    step = jax.jit(_memory.lora_step(loss, tx))
+    tx = jaxlora.memory.lora_optimizer(optax.adam(1e-4), delta)
+    step = jax.jit(jaxlora.memory.lora_step(loss, tx))
     state = tx.init(delta)
     times = interleaved(
         {

@@ -30,8 +30,8 @@ import jax
 import optax
 
 import jaxlora
+import jaxlora.memory
 from benchmarks._common import interleaved, llama, lm_loss, parse_args
-from jaxlora import memory as _memory
 from jaxlora.models.llama import LlamaConfig
 
 
@@ -56,10 +56,10 @@ def main() -> None:
     apply = lambda p, toks: model.apply({"params": p}, toks)
     loss = lm_loss(model)
     adam = optax.adam(1e-4)
-    full = jax.jit(_memory.full_step(loss, adam))
-    tx = _memory.lora_optimizer(adam, delta)
-    lora_use = jax.jit(_memory.lora_step(loss, tx, strategy="use-site"))
-    lora_merge = jax.jit(_memory.lora_step(loss, tx, strategy="merge"))
+    full = jax.jit(jaxlora.memory.full_step(loss, adam))
+    tx = jaxlora.memory.lora_optimizer(adam, delta)
+    lora_use = jax.jit(jaxlora.memory.lora_step(loss, tx, strategy="use-site"))
+    lora_merge = jax.jit(jaxlora.memory.lora_step(loss, tx, strategy="merge"))
     full_state, lora_state = adam.init(params), tx.init(delta)
 
     forward = jax.jit(apply)

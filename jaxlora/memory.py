@@ -27,6 +27,19 @@ import optax
 from jaxlora._apply import lora_apply
 from jaxlora._counts import trainable_mask
 
+__all__ = [
+    "MEMORY_MINIMIZING_CPU_FLAG",
+    "Loss",
+    "MemoryReport",
+    "abstract",
+    "floor_step",
+    "full_step",
+    "lora_optimizer",
+    "lora_step",
+    "memory_of",
+    "use_memory_minimizing_cpu_scheduler",
+]
+
 MEMORY_MINIMIZING_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 

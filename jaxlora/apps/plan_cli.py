@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlora import memory as _memory
+import jaxlora.memory
 from jaxlora._config import LoraConfig
 from jaxlora.models.hf import llama_config_from_hf
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     # XLA reads its flags once, when this process first computes (below, if not before);
     # the environment is restored afterwards so that child processes do not inherit them.
     flags = os.environ.get("XLA_FLAGS")
-    _memory.use_memory_minimizing_cpu_scheduler()
+    jaxlora.memory.use_memory_minimizing_cpu_scheduler()
     try:
         return _run(args)
     finally:

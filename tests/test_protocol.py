@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxlora
 from jaxlora._node import AdapterNode, Constant
+from jaxlora.plan import plan
 from jaxlora.variants import AdaLoraConfig, VeraConfig
 from tests.test_variants import mlp, normal
 
@@ -299,3 +300,16 @@ def test_combine_adapters_of_additive_variants_is_exact():
         want = w + 0.5 * (_dense_weight(w, vera[path]["kernel"]) - w) + 2.0 * (
             _dense_weight(w, ada[path]["kernel"]) - w)  # fmt: skip
         np.testing.assert_allclose(jaxlora.merge(base, both)[path]["kernel"], want, **TOL)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_planner_plans_every_variant(kind):
+    """The plan's trainable count is the actual split's, and its memory plan compiles."""
+    params, x, apply = mlp()
+    config = _configs()[kind]
+    base, delta = jaxlora.split(params, config, key=jax.random.key(1))
+    want = jaxlora.count_parameters(base, delta).trainable
+    expected_formula = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(delta))
+    result = plan(apply, params, config, batch=x, optimizer=optax.adam(1e-3))
+    assert result.lora.trainable_params == want == expected_formula
+    assert result.lora.peak_bytes > 0

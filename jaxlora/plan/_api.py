@@ -37,7 +37,7 @@ __all__ = ["plan"]
 def plan(
     apply_fn: Callable[[Any, Any], Any],
     abstract_params: Any,
-    config: LoraConfig,
+    config: LoraConfig | Any,
     *,
     batch: Any,
     optimizer: optax.GradientTransformation,
@@ -68,7 +68,8 @@ def plan(
         abstract_params: the parameter tree, of ``jax.ShapeDtypeStruct`` s (from
             ``jax.eval_shape(model.init, ...)``) or of arrays; only shapes,
             dtypes and shardings are read.
-        config: the LoRA configuration to plan.
+        config: the adapter configuration to plan: a :class:`jaxlora.LoraConfig` or a
+            variant's (``jaxlora.variants.VeraConfig``, ``AdaLoraConfig``).
         batch: the second argument of ``apply_fn``, abstract or concrete.
         optimizer: the optax optimizer (e.g. ``optax.adam(1e-4)``); LoRA keeps
             its state for the adapters only.
@@ -97,8 +98,8 @@ def plan(
         A :class:`Plan`.
 
     Raises:
-        TypeError: if ``config`` is no :class:`jaxlora.LoraConfig` or
-            ``optimizer`` no optax ``GradientTransformation``.
+        TypeError: if ``config`` is neither a :class:`jaxlora.LoraConfig` nor a
+            variant's config, or ``optimizer`` no optax ``GradientTransformation``.
         ValueError: for an invalid ``device_memory`` or quantization format,
             and whatever :func:`jaxlora.split` raises for ``config``.
 
@@ -129,8 +130,6 @@ def plan(
         Hu et al. 2021, LoRA, Section 4.2 and Table 4.
         https://arxiv.org/abs/2106.09685
     """
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a jaxlora.LoraConfig; got {type(config).__name__}")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation such as optax.adam(1e-4); "

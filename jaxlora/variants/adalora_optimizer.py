@@ -75,8 +75,8 @@ def adalora(
 
     Args:
         config: the config that made the delta.
-        optimizer: the optimizer for the delta, e.g.
-            ``optax.masked(optax.adamw(1e-3), jaxlora.trainable_mask(delta))``.
+        optimizer: the optimizer for the delta, e.g. ``optax.adamw(1e-3)`` (the
+            delta holds only trainable arrays: no mask is needed).
 
     Returns:
         A ``GradientTransformation`` whose state is an :class:`AdaLoraState`.
@@ -96,7 +96,7 @@ def adalora(
         >>> def loss(delta):
         ...     fit = jnp.mean((f(base, delta, x) - y) ** 2)
         ...     return fit + config.orth_reg_weight * orthogonality_loss(delta)
-        >>> tx = adalora(config, optax.masked(optax.adam(1e-2), jaxlora.trainable_mask(delta)))
+        >>> tx = adalora(config, optax.adam(1e-2))
         >>> @jax.jit
         ... def step(delta, state):
         ...     updates, state = tx.update(jax.grad(loss)(delta), state, delta)

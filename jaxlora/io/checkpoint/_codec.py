@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import numbers
 import re
 from collections.abc import Mapping
@@ -22,12 +23,16 @@ import numpy as np
 
 from jaxlora._config import config_type
 from jaxlora._hosts import to_host
-from jaxlora._node import Constant
+from jaxlora._node import Constant, node_type
 
 FORMAT = "jaxlora.adapter"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _CALLABLE_FIELDS = ("targets", "exclude")
+_ENTRY_FIELDS = ("path", "keys", "key", "kind", "static", "arrays")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_KEY = re.compile(r"[A-Za-z0-9_]+")
+_FIX = re.compile(r"\s*Pass the config the delta was made with.*$", re.DOTALL)
 
 
 def checksum(array: Any) -> str:
@@ -165,3 +170,243 @@ def _decode_value(value: Any) -> Any:
     if isinstance(value, dict) and "tuple" in value:
         return tuple(_decode_value(v) for v in value["tuple"])
     return value
+
+
+# ----------------------------------------------------------------------------- damaged metadata
+
+
+def damaged(path: Any, detail: str) -> ValueError:
+    """The one error of a checkpoint whose metadata is damaged or was edited.
+
+    Args:
+        path: the checkpoint directory.
+        detail: what is wrong: the entry or array, what was expected and what was found.
+
+    Returns:
+        The ``ValueError`` to raise (chained to the error that found it, if any).
+    """
+    return ValueError(
+        f"the checkpoint {str(path)!r} is damaged or was edited: {detail}. Restore it from a "
+        "copy, or save the adapter again."
+    )
+
+
+def check_node(config: Any, path: str, node: Any) -> None:
+    """Raises unless ``config`` makes ``node`` at ``path``: ``config.check_node`` and the dropout.
+
+    ``save_adapter`` calls it before writing and ``load_adapter`` after reading,
+    so a stored config never disagrees with the stored adapters.
+    """
+    config.check_node(path, node)
+    want = getattr(config, "dropout", None)
+    if want is not None and float(node.dropout) != float(want):
+        raise ValueError(
+            f"the adapter at {path!r} has dropout {float(node.dropout)!r}, but config has "
+            f"dropout {float(want)!r}. Pass the config the delta was made with."
+        )
+
+
+def check_against_config(config: Any, where: str, node: Any, path: Any) -> None:
+    """:func:`check_node` at load: a disagreement is a :func:`damaged` checkpoint."""
+    try:
+        check_node(config, where, node)
+    except (TypeError, ValueError) as e:
+        found = _FIX.sub("", str(e))
+        raise damaged(
+            path, f"its stored config does not make the adapter at {where!r}: {found}"
+        ) from e
+
+
+def check_entries(metadata: Mapping[str, Any], version: int, path: Any) -> None:
+    """Raises :func:`damaged` unless the adapter entries, holes and constants are well formed.
+
+    Checks what a save writes (fields, types, array names of the node kind,
+    shapes, dtype names, checksums, constant references, static values);
+    whether the nodes fit the stored config is checked once they are built
+    (:func:`check_against_config`).
+
+    Args:
+        metadata: the checkpoint's metadata, format 1 entries already converted.
+        version: its format version (format 1 wrote no checksums and a scale array).
+        path: the checkpoint directory, for the message.
+    """
+    constants = metadata.get("constants", {})
+    if not isinstance(constants, dict):
+        raise damaged(path, f"'constants' should map digests to files; found {_short(constants)}")
+    for digest, spec in constants.items():
+        key = spec.get("key") if isinstance(spec, dict) else None
+        if not isinstance(key, str) or not _FILE_KEY.fullmatch(key):
+            raise damaged(
+                path, f"the constant {digest!r} should name its file ('key': 'c0'); found {spec!r}"
+            )
+    entries, holes = metadata["adapters"], metadata["holes"]
+    if not isinstance(entries, list) or not entries:
+        raise damaged(
+            path, f"'adapters' should be a non-empty list of entries; found {_short(entries)}"
+        )
+    if not isinstance(holes, list) or not all(_is_keys(h) for h in holes):
+        raise damaged(
+            path, f"'holes' should be a list of key paths (lists of names); found {_short(holes)}"
+        )
+    seen: set[Any] = set()
+    for entry in entries:
+        _check_entry(entry, version, constants, path)
+        if entry["path"] in seen or ("key", entry["key"]) in seen:
+            raise damaged(
+                path,
+                f"two adapter entries have the path {entry['path']!r} or the key {entry['key']!r}",
+            )
+        seen.update((entry["path"], ("key", entry["key"])))
+
+
+def _check_entry(entry: Any, version: int, constants: Mapping[str, Any], path: Any) -> None:
+    if not isinstance(entry, dict):
+        raise damaged(path, f"an adapter entry should be an object; found {_short(entry)}")
+    where = entry.get("path")
+    missing = [f for f in _ENTRY_FIELDS if f not in entry]
+    if missing:
+        raise damaged(path, f"the adapter entry at {where!r} lacks {missing}")
+    keys = entry["keys"]
+    if not isinstance(where, str) or not _is_keys(keys) or where != "/".join(map(str, keys)):
+        raise damaged(
+            path,
+            f"the adapter entry at {where!r} should have its keys {_short(keys)} joined with '/' "
+            "as its path",
+        )
+    if not isinstance(entry["key"], str):
+        raise damaged(
+            path, f"the adapter at {where!r} has the array key {entry['key']!r}, not a string"
+        )
+    try:
+        cls = node_type(entry["kind"])
+    except (TypeError, ValueError) as e:
+        raise damaged(path, f"the adapter at {where!r} has kind {entry['kind']!r}: {e}") from e
+    arrays = entry["arrays"]
+    if not isinstance(arrays, dict):
+        raise damaged(
+            path, f"the adapter at {where!r} should list its arrays; found {_short(arrays)}"
+        )
+    _check_array_names(cls, where, arrays, version, path)
+    for name, spec in arrays.items():
+        what = f"the array {name!r} of the adapter at {where!r}"
+        if "constant" in spec:
+            if (
+                set(spec) != {"constant"}
+                or not isinstance(spec["constant"], str)
+                or (spec["constant"] not in constants)
+            ):
+                raise damaged(
+                    path,
+                    f"{what} refers to the constant {spec.get('constant')!r}, which the "
+                    "checkpoint's 'constants' do not list",
+                )
+            continue
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not all(_is_size(n) for n in shape):
+            raise damaged(
+                path, f"{what} should have a shape (a list of sizes >= 0); found {shape!r}"
+            )
+        if not _is_dtype_name(spec.get("dtype")):
+            raise damaged(
+                path,
+                f"{what} has dtype {spec.get('dtype')!r}, which is not a dtype name (such as "
+                "'float32' or 'bfloat16')",
+            )
+        checksum_ = spec.get("sha256")
+        if version >= 2 and not (isinstance(checksum_, str) and _SHA256.fullmatch(checksum_)):
+            raise damaged(
+                path,
+                f"{what} should have its SHA-256 checksum ('sha256', 64 hex digits: format "
+                f"{version} writes one for every array); found {checksum_!r}",
+            )
+    _check_static(cls, entry, version, path)
+
+
+def _check_array_names(
+    cls: type, where: str, arrays: Mapping[str, Any], version: int, path: Any
+) -> None:
+    """The trainable arrays are the node kind's, constants (optional) only its constant fields."""
+    if not all(isinstance(spec, dict) for spec in arrays.values()):
+        raise damaged(
+            path,
+            f"the adapter at {where!r} should describe each array by an object; found "
+            f"{_short(arrays)}",
+        )
+    trainable = sorted(cls.trainable_fields() + (("scale",) if version == 1 else ()))
+    stored = sorted(n for n, spec in arrays.items() if "constant" not in spec)
+    refs = sorted(n for n, spec in arrays.items() if "constant" in spec)
+    if stored != trainable or not set(refs) <= set(cls.constant_fields()):
+        optional = (
+            f" and optionally the constants {list(cls.constant_fields())}"
+            if cls.constant_fields()
+            else ""
+        )
+        raise damaged(
+            path,
+            f"the adapter at {where!r} is a {cls.kind!r} adapter, which stores the arrays "
+            f"{trainable}{optional}; the entry has {sorted(arrays)}",
+        )
+
+
+def _check_static(cls: type, entry: Mapping[str, Any], version: int, path: Any) -> None:
+    """The static fields are the node kind's; layout, scale and dropout have their types."""
+    where, static = entry["path"], entry["static"]
+    fields = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("static") and f.name not in cls.axes
+    )
+    if not isinstance(static, dict) or sorted(static) != fields:
+        found = sorted(static) if isinstance(static, dict) else _short(static)
+        raise damaged(
+            path,
+            f"the adapter at {where!r} (kind {cls.kind!r}) should have the static fields "
+            f"{fields}; found {found}",
+        )
+
+    def bad(name: str, expected: str) -> ValueError:
+        return damaged(
+            path,
+            f"the static {name!r} of the adapter at {where!r} should be {expected}; found "
+            f"{static[name]!r}",
+        )
+
+    layout = static.get("layout")
+    if "layout" in static and not (
+        isinstance(layout, dict)
+        and sorted(layout) == ["inputs", "outputs", "stacked"]
+        and all(isinstance(v, list) and all(_is_size(n) for n in v) for v in layout.values())
+    ):
+        raise bad("layout", "{'stacked': [...], 'inputs': [...], 'outputs': [...]} of sizes")
+    scale = static.get("scale")
+    if "scale" in static and not (version == 1 and scale is None) and not _is_finite(scale):
+        raise bad("scale", "a finite number")
+    dropout = static.get("dropout")
+    if "dropout" in static and not (_is_finite(dropout) and 0.0 <= dropout < 1.0):
+        raise bad("dropout", "a number in [0, 1)")
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_keys(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(k, str | int) and not isinstance(k, bool) for k in value
+    )
+
+
+def _is_dtype_name(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and jnp.dtype(value).name == value
+    except (TypeError, ValueError):
+        return False
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."

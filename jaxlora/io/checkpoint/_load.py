@@ -67,7 +67,12 @@ def load_adapter(
             incomplete, temporary or damaged one (a checksum or a file that does
             not match, unreadable metadata or arrays: the message names the
             checkpoint and the array), has an unknown format version or an
-            invalid stored config; if a stored path is missing from ``base`` or
+            invalid stored config; if its metadata was edited (a missing
+            checksum, a wrong type, kind, array name, dtype or static value, or
+            a stored config that does not make the stored adapters: rank,
+            scale, dropout, dtype, node type; the message names the checkpoint,
+            says it is damaged or was edited, and names the entry with what was
+            expected and found); if a stored path is missing from ``base`` or
             its weight has another shape there; if ``step`` is given for a single
             checkpoint, if ``shardings`` lacks a stored path, or if base's
             weight has a sharding that is neither a ``NamedSharding`` nor
@@ -89,14 +94,19 @@ def load_adapter(
     root = pathlib.Path(directory).expanduser().absolute()
     path = _directory.resolve(root, step)
     metadata = _checked_metadata(path)
-    if metadata["format_version"] == 1:
-        metadata = _from_version_1(metadata)
+    version = metadata["format_version"]
+    if version == 1:
+        metadata = _from_version_1(metadata, path)
+    _codec.check_entries(metadata, version, path)
     entries = metadata["adapters"]
     config = _codec.decode_config(
         metadata["config"], [e["path"] for e in entries], str(path / METADATA)
     )
     constants = _read_constants(path, metadata.get("constants", {}))
-    statics = {e["path"]: _codec.decode_constants(e["static"], constants) for e in entries}
+    try:
+        statics = {e["path"]: _codec.decode_constants(e["static"], constants) for e in entries}
+    except (KeyError, TypeError) as e:
+        raise _codec.damaged(path, f"a static field refers to no stored constant ({e!r})") from e
     weights: dict[str, Any] = {}
     if base is not None:
         treedef, base_paths, base_leaves = _flatten_base(base)
@@ -117,7 +127,7 @@ def load_adapter(
     for entry in entries:
         arrays = dict(restored[entry["key"]])
         for name, spec in _trainable_specs(entry).items():
-            if "sha256" in spec and _codec.checksum(arrays[name]) != spec["sha256"]:
+            if "sha256" in spec and _codec.checksum(arrays[name]) != spec["sha256"]:  # format 2
                 raise ValueError(
                     f"the checkpoint {str(path)!r} is damaged: the array {name!r} of the adapter "
                     f"at {entry['path']!r} does not match the checksum written when it was saved. "
@@ -126,7 +136,7 @@ def load_adapter(
         for name, ref in entry["arrays"].items():
             if "constant" in ref:
                 arrays[name] = constants[ref["constant"]]
-        nodes[entry["path"]] = _node(entry, arrays, statics[entry["path"]], path)
+        nodes[entry["path"]] = _node(entry, arrays, statics[entry["path"]], path, config)
     if base is not None:
         return treedef.unflatten([nodes.get(p) for p in base_paths]), config
     return _nested_dict(entries, metadata["holes"], nodes), config
@@ -141,6 +151,17 @@ def _checked_metadata(path: pathlib.Path) -> dict[str, Any]:
             f"format={_codec.FORMAT!r}); pass a directory written by save_adapter."
         )
     version = metadata.get("format_version")
+    readable = list(_codec.READABLE_VERSIONS)
+    if type(version) is not int:
+        raise _codec.damaged(
+            path,
+            f"'format_version' should be an int (this jaxlora reads versions {readable}); "
+            f"found {version!r}",
+        )
+    if version < min(readable):
+        raise _codec.damaged(
+            path, f"'format_version' is {version}, and jaxlora formats are versions {readable}"
+        )
     if version not in _codec.READABLE_VERSIONS:
         raise ValueError(
             f"{str(path)!r} has adapter format version {version!r}, and this jaxlora reads "
@@ -158,36 +179,34 @@ def _checked_metadata(path: pathlib.Path) -> dict[str, Any]:
             f"{str(path)!r} has {METADATA} but no {ARRAYS}/ directory; the checkpoint is "
             "damaged (files were removed after it was saved)."
         )
-    try:
-        for entry in metadata["adapters"]:
-            for field in ("path", "keys", "key", "kind", "static", "arrays"):
-                entry[field]
-    except (KeyError, TypeError) as e:
-        raise ValueError(
-            f"{str(file)!r} has an adapter entry without {e}; the checkpoint is damaged or was "
-            "edited. Save the adapter again."
-        ) from None
     return metadata
 
 
-def _from_version_1(metadata: dict[str, Any]) -> dict[str, Any]:
+def _from_version_1(metadata: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
     """Format 1 (LoRA only, the scale an array): entries in format 2's shape.
 
     The scale array becomes static metadata once restored; it is marked here
     with ``"scale": None`` and filled by :func:`_node`.
     """
     entries = []
-    for e in metadata["adapters"]:
-        layout = e["layout"]
-        stacked, rank = list(layout["stacked"]), e["rank"]
-        shapes = {
-            "a": [*stacked, math.prod(layout["inputs"]), rank],
-            "b": [*stacked, rank, math.prod(layout["outputs"])],
-            "scale": [],
-        }
-        arrays = {n: {"shape": s, "dtype": e["dtypes"][n]} for n, s in shapes.items()}
-        static = {"layout": layout, "dropout": e["dropout"], "scale": None}
-        entries.append({**e, "kind": "lora", "static": static, "arrays": arrays})
+    try:
+        for e in metadata["adapters"]:
+            layout = e["layout"]
+            stacked, rank = list(layout["stacked"]), e["rank"]
+            shapes = {
+                "a": [*stacked, math.prod(layout["inputs"]), rank],
+                "b": [*stacked, rank, math.prod(layout["outputs"])],
+                "scale": [],
+            }
+            arrays = {n: {"shape": s, "dtype": e["dtypes"][n]} for n, s in shapes.items()}
+            static = {"layout": layout, "dropout": e["dropout"], "scale": None}
+            entries.append({**e, "kind": "lora", "static": static, "arrays": arrays})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise _codec.damaged(
+            path,
+            "its metadata says format version 1, but its adapter entries are not version 1's "
+            f"({type(e).__name__}: {e})",
+        ) from e
     return {**metadata, "adapters": entries}
 
 
@@ -217,18 +236,27 @@ def _read_constants(path: pathlib.Path, stored: Mapping[str, Any]) -> dict[str, 
 
 
 def _node(
-    entry: Mapping[str, Any], arrays: dict[str, Any], static: dict[str, Any], path: pathlib.Path
+    entry: Mapping[str, Any],
+    arrays: dict[str, Any],
+    static: dict[str, Any],
+    path: pathlib.Path,
+    config: Any,
 ) -> AdapterNode:
-    if static.get("scale", 0.0) is None:  # format 1
-        static = {**static, "scale": float(np.asarray(arrays.pop("scale")))}
+    """The entry's node, checked against its shapes and against the stored config."""
+    where = entry["path"]
+    if static.get("scale", 0.0) is None:  # format 1: a float32 array, of the config's scale
+        scale = float(np.asarray(arrays.pop("scale")))
+        exact = getattr(config, "scale_for", lambda _: scale)(where)
+        static = {**static, "scale": exact if np.float32(exact) == np.float32(scale) else scale}
     try:
         node = node_type(entry["kind"]).from_saved(arrays, static)
-        node.check_shapes(entry["path"])
+        node.check_shapes(where)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
             f"the checkpoint {str(path)!r} is damaged or was edited: the adapter at "
-            f"{entry['path']!r} cannot be rebuilt ({type(e).__name__}: {e}). Save it again."
-        ) from None
+            f"{where!r} cannot be rebuilt ({type(e).__name__}: {e}). Save it again."
+        ) from e
+    _codec.check_against_config(config, where, node, path)
     return node
 
 

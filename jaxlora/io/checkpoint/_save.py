@@ -58,7 +58,7 @@ def save_adapter(
         config: the config the delta was made with (:class:`jaxlora.LoraConfig`,
             :class:`jaxlora.variants.VeraConfig`, :class:`jaxlora.variants.AdaLoraConfig`);
             stored in full, after checking that it makes exactly these adapters
-            (node type, rank, scale, dtype). A callable ``targets`` or ``exclude``
+            (node type, rank, scale, dropout, dtype). A callable ``targets`` or ``exclude``
             cannot be stored: it is recorded as ``null`` and :func:`load_adapter`
             replaces it (see there).
         step: an int ``>= 0`` to keep numbered checkpoints in ``directory``.
@@ -73,7 +73,7 @@ def save_adapter(
             adapter), if an adapter's dtype is not ``config.dtype``, or if
             ``step`` is not an int.
         ValueError: if ``delta`` holds no adapter node, if an adapter is not the
-            one ``config`` makes at its path (type, rank, scale) or its arrays do
+            one ``config`` makes at its path (type, rank, scale, dropout) or its arrays do
             not fit its layout, or if ``step`` is negative.
         FileExistsError: if the target checkpoint exists already.
 
@@ -146,7 +146,7 @@ def _entries(
                 "ranks)."
             )
         node.check_shapes(path)
-        config.check_node(path, node)
+        _codec.check_node(config, path, node)  # load_adapter repeats it
         key = str(len(entries))
         stored: dict[str, Any] = {}
         arrays[key] = {}

@@ -1,8 +1,10 @@
 """Fixtures and PyTorch-side references shared by several test modules.
 
 A pytest plugin of the suite (the root ``conftest.py`` loads it), so each is
-defined once: the tiny BERT built on both sides (PEFT tests), and the
-``transformers`` configs that mirror jaxlora's BERT and Llama configs.
+defined once: the tiny BERT built on both sides (PEFT tests), the
+``transformers`` configs that mirror jaxlora's BERT and Llama configs, the tiny
+scanned Llama and its random adapters (many-adapter tests), and a scanned Flax
+stack of layers (engine and variant tests).
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxlora
 from jaxlora.models import bert, minilm
+from jaxlora.models.llama import Llama, LlamaConfig
+from tests.helpers import randomize_b
 
 BERT = bert.BertConfig(
     vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position=16
@@ -100,3 +106,45 @@ def assert_adapted(got, want, base):
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
     # A no-op adapter (a file PEFT loads but ignores) must fail.
     assert np.max(np.abs(want - base)) > 1e3 * ATOL
+
+
+class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + nn.Dense(8, name="proj")(jnp.tanh(h)), None
+
+
+class Stack(nn.Module):
+    """Three :class:`Layer` s under ``nn.scan`` (kernels ``(3, 8, 8)``), optionally rematted."""
+
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        layer = nn.remat(Layer, prevent_cse=False) if self.remat else Layer
+        scan = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        h, _ = scan(name="layers")(x, None)
+        return h
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """The tiny scanned Llama: ``(config, model, params)``."""
+    config = LlamaConfig.tiny(scan_layers=True)
+    model = Llama(config)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    return config, model, params
+
+
+def random_deltas(params, ranks, alphas, key, *, b_key=1000):
+    """``(base, deltas)``: one all-linear adapter of ``params`` per rank and alpha.
+
+    Adapter ``i`` splits with ``fold_in(key, i)`` and gets random ``b`` factors (scale 0.3)
+    from ``fold_in(key, b_key + i)``; ``params`` is the scanned Llama's (one stacked axis).
+    """
+    out = []
+    for i, (rank, alpha) in enumerate(zip(ranks, alphas, strict=True)):
+        config = jaxlora.LoraConfig(rank=rank, alpha=alpha, targets="all-linear", stacked_axes=1)
+        base, delta = jaxlora.split(params, config, key=jax.random.fold_in(key, i))
+        out.append(randomize_b(delta, jax.random.fold_in(key, b_key + i), scale=0.3))
+    return base, out

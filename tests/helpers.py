@@ -1,13 +1,27 @@
-"""Helpers shared by the tests: random trees and dense references."""
+"""Helpers shared by the tests: random data and trees, dense references, a training loop."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 import jaxlora
+from jaxlora import memory as _memory
+
+
+def normal(*shape, seed=0, dtype=np.float32):
+    """Standard normal test data from numpy: no XLA program compiled per shape.
+
+    ``shape`` is given as integers (``normal(3, 4)``) or as one tuple
+    (``normal((3, 4))``); the float64 draws are rounded to ``dtype``.
+    """
+    if len(shape) == 1 and isinstance(shape[0], tuple):
+        (shape,) = shape
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
 
 
 def randomize_b(delta, key, scale=0.1):
@@ -32,3 +46,19 @@ def dense_merge(weight, node, sign=1.0):
     b = np.asarray(node.b, np.float64)
     delta = float(node.scale) * np.matmul(a, b)
     return np.asarray(weight, np.float64) + sign * delta.reshape(np.shape(weight))
+
+
+def train(loss, base, delta, batch, *, steps, lr):
+    """``steps`` jitted Adam steps of ``jaxlora.memory.lora_step`` on one batch.
+
+    ``loss(params, batch)`` is the model's loss; returns the trained delta and the loss
+    before each step.
+    """
+    tx = _memory.lora_optimizer(optax.adam(lr), delta)
+    step = jax.jit(_memory.lora_step(loss, tx))
+    state = tx.init(delta)
+    losses = []
+    for _ in range(steps):
+        delta, state, value = step(delta, state, base, batch)
+        losses.append(float(value))
+    return delta, losses

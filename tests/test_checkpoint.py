@@ -21,7 +21,7 @@ from flax import nnx
 
 import jaxlora
 from jaxlora.io.checkpoint import load_adapter, save_adapter
-from tests.helpers import is_node
+from tests.helpers import is_node, normal
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,11 +48,6 @@ LINEN_CONFIG = jaxlora.LoraConfig(
 )
 
 
-def normal(seed, shape, dtype=np.float32):
-    """Random numbers from numpy: no XLA compilation per shape, which keeps these tests fast."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(dtype))
-
-
 def ones(*shape, value=1.0):
     return jnp.asarray(np.full(shape, value, np.float32))
 
@@ -61,7 +56,9 @@ def randomize_b(delta, seed):
     """``delta`` with random ``b`` factors (they start at zero)."""
     leaves, treedef = jax.tree.flatten(delta, is_leaf=is_node)
     leaves = [
-        dataclasses.replace(n, b=normal(seed + i, n.b.shape, n.b.dtype)) if is_node(n) else n
+        dataclasses.replace(n, b=normal(n.b.shape, seed=seed + i, dtype=n.b.dtype))
+        if is_node(n)
+        else n
         for i, n in enumerate(leaves)
     ]
     return treedef.unflatten(leaves)
@@ -124,9 +121,9 @@ def test_stacked_layouts_bfloat16_round_trip(tmp_path, key):
     bf16 = jnp.bfloat16
     params = {
         "layers": {
-            "attn": {"qkv": {"kernel": normal(0, (3, 8, 2, 4), bf16)}},
-            "o": {"kernel": normal(1, (3, 2, 4, 8), bf16)},
-            "mlp": {"up": {"kernel": normal(2, (3, 8, 16), bf16)}},
+            "attn": {"qkv": {"kernel": normal((3, 8, 2, 4), seed=0, dtype=bf16)}},
+            "o": {"kernel": normal((3, 2, 4, 8), seed=1, dtype=bf16)},
+            "mlp": {"up": {"kernel": normal((3, 8, 16), seed=2, dtype=bf16)}},
         }
     }
     config = jaxlora.LoraConfig(
@@ -175,7 +172,7 @@ def test_config_round_trip(tmp_path, key, name):
     config = CONFIGS[name]
     params = {
         "layers_0": {
-            "query": {"kernel": normal(0, (8, 8))},
+            "query": {"kernel": normal((8, 8), seed=0)},
             "mlp": {"up": {"kernel": ones(8, 8)}, "down": {"kernel": ones(8, 8)}},
         }
     }
@@ -470,18 +467,18 @@ def test_sharded_round_trip(tmp_path, key):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[: 2 * x]).reshape(x, 2), ("x", "y"))
     shard = lambda spec: jax.sharding.NamedSharding(mesh, spec)
     params = {
-        "q": {"kernel": jax.device_put(normal(0, (16, 8)), shard(P("x", "y")))},
+        "q": {"kernel": jax.device_put(normal((16, 8), seed=0), shard(P("x", "y")))},
         "o": {  # (heads, head_dim, d_model), one head per "x" device: a's input is ("x", "y")
-            "kernel": jax.device_put(normal(1, (x, 2, 16)), shard(P("x", "y")))
+            "kernel": jax.device_put(normal((x, 2, 16), seed=1), shard(P("x", "y")))
         },
         "o2": {  # two heads per "x" device: flattening breaks the blocks, a is replicated
-            "kernel": jax.device_put(normal(4, (2 * x, 2, 16)), shard(P("x", "y")))
+            "kernel": jax.device_put(normal((2 * x, 2, 16), seed=4), shard(P("x", "y")))
         },
         "v": {  # input axes (1, 8) flatten with a size-1 unsharded axis first: still sharded
-            "kernel": jax.device_put(normal(2, (1, 8, 16)), shard(P(None, "y")))
+            "kernel": jax.device_put(normal((1, 8, 16), seed=2), shard(P(None, "y")))
         },
         "stacked": {  # stacked over "x"; its inputs (8, 2) with "y" on the second: replicated
-            "kernel": jax.device_put(normal(3, (4, 8, 2, 8)), shard(P("x", None, "y", None)))
+            "kernel": jax.device_put(normal((4, 8, 2, 8), seed=3), shard(P("x", None, "y", None)))
         },
     }
     config = jaxlora.LoraConfig(

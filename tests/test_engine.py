@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxlora
+from tests.fixtures import Stack
 from tests.helpers import dense_merge, randomize_b
 
 RTOL = 1e-5
@@ -165,23 +166,6 @@ def test_tied_embedding_lookup_and_attend(key):
     apply = lambda p, ids: TiedLM().apply({"params": p}, ids)
     config = jaxlora.LoraConfig(rank=4, targets=["embedding", "kernel"])
     assert_use_site_equals_merge(apply, params, config, ids)
-
-
-class Layer(nn.Module):
-    @nn.compact
-    def __call__(self, h, _):
-        return h + nn.Dense(8, name="proj")(jnp.tanh(h)), None
-
-
-class Stack(nn.Module):
-    remat: bool
-
-    @nn.compact
-    def __call__(self, x):
-        layer = nn.remat(Layer, prevent_cse=False) if self.remat else Layer
-        scan = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        h, _ = scan(name="layers")(x, None)
-        return h
 
 
 @pytest.mark.parametrize("remat", [False, True])

@@ -19,12 +19,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from tokenizers import pre_tokenizers
 
 import jaxlora
-from jaxlora import memory as _memory
 from jaxlora.io.peft import LLAMA_KEY_MAP
 from jaxlora.models.generate import generate
 from jaxlora.models.gguf import load_gguf_llama, read_gguf_metadata
@@ -33,6 +31,7 @@ from jaxlora.models.gguf_writer import save_gguf_llama
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.quant import is_quantized
 from tests.fixtures import peft_warnings
+from tests.helpers import train
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -388,13 +387,7 @@ def test_qlora_trains_on_the_checkpoints_own_codes(real):
     codes = np.asarray(base["layers"]["mlp"]["up_proj"]["kernel"].codes)
     model = Llama(config)
     loss = lambda p, t: causal_lm_loss(model.apply({"params": p}, t), t)
-    tx = _memory.lora_optimizer(optax.adam(1e-2), delta)
-    step = jax.jit(_memory.lora_step(loss, tx))
-    state = tx.init(delta)
-    losses = []
-    for _ in range(4):
-        delta, state, value = step(delta, state, base, tokens)
-        losses.append(float(value))
+    _, losses = train(loss, base, delta, tokens, steps=4, lr=1e-2)
     assert losses[-1] < losses[0]
     np.testing.assert_array_equal(
         np.asarray(base["layers"]["mlp"]["up_proj"]["kernel"].codes), codes

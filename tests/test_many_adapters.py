@@ -15,34 +15,18 @@ import pytest
 
 import jaxlora
 from jaxlora.models.generate import generate
-from jaxlora.models.llama import Llama, LlamaConfig
 from jaxlora.multi import _pool
-from tests.helpers import randomize_b
+from tests.fixtures import random_deltas
 
 ROUTINGS = ("auto", "gather", "grouped")
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-@pytest.fixture(scope="module")
-def llama():
-    config = LlamaConfig.tiny(scan_layers=True)
-    model = Llama(config)
-    key = jax.random.key(0)
-    params = jax.jit(model.init)(key, jnp.zeros((1, 4), jnp.int32))["params"]
-    return config, model, params
-
-
 def _deltas(params, n, *, key=0, ranks=None, alphas=None):
     """``n`` adapters of all-linear weights with random a and b, of different ranks and alphas."""
-    key = jax.random.key(key)
-    out = []
-    for i in range(n):
-        rank = ranks[i] if ranks else 1 + i % 3
-        alpha = alphas[i] if alphas else 2.0 + i
-        config = jaxlora.LoraConfig(rank=rank, alpha=alpha, targets="all-linear", stacked_axes=1)
-        base, delta = jaxlora.split(params, config, key=jax.random.fold_in(key, i))
-        out.append(randomize_b(delta, jax.random.fold_in(key, 1000 + i), scale=0.3))
-    return base, out
+    ranks = ranks or [1 + i % 3 for i in range(n)]
+    alphas = alphas or [2.0 + i for i in range(n)]
+    return random_deltas(params, ranks[:n], alphas[:n], jax.random.key(key))
 
 
 def _dense(model, params, delta, tokens):

@@ -7,28 +7,22 @@ import numpy as np
 import pytest
 
 import jaxlora
-from jaxlora.models.llama import Llama, LlamaConfig
+from tests.fixtures import random_deltas
 from tests.helpers import dense_merge, randomize_b
 
 
 @pytest.fixture(scope="module")
-def llama():
-    config = LlamaConfig.tiny(scan_layers=True)
-    model = Llama(config)
-    key = jax.random.key(0)
-    tokens = jax.random.randint(key, (5, 12), 0, config.vocab_size)
-    params = jax.jit(model.init)(key, tokens)["params"]
+def llama(llama):
+    """The shared tiny scanned Llama as ``(apply, params, tokens)``."""
+    config, model, params = llama
+    tokens = jax.random.randint(jax.random.key(0), (5, 12), 0, config.vocab_size)
     apply = lambda p, t: model.apply({"params": p}, t)
     return apply, params, tokens
 
 
 def _deltas(params, n, key):
-    out = []
-    for i in range(n):
-        config = jaxlora.LoraConfig(rank=2 + i, targets="all-linear", stacked_axes=1, alpha=4.0 + i)
-        base, delta = jaxlora.split(params, config, key=jax.random.fold_in(key, i))
-        out.append(randomize_b(delta, jax.random.fold_in(key, 100 + i), scale=0.3))
-    return base, out
+    ranks, alphas = [2 + i for i in range(n)], [4.0 + i for i in range(n)]
+    return random_deltas(params, ranks, alphas, key, b_key=100)
 
 
 def test_mixed_batch_equals_each_adapter_alone(llama, key):

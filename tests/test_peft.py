@@ -26,16 +26,13 @@ from jaxlora.io.peft import BERT_KEY_MAP, LLAMA_KEY_MAP, KeyMap
 from jaxlora.io.peft._format import pattern_value
 from jaxlora.models.llama import Llama, LlamaConfig
 from tests.fixtures import assert_adapted, hf_llama_config, peft_warnings
+from tests.helpers import is_node
 
 # Non-square on purpose: k/v project 64 -> 32 (GQA) and the MLP 64 <-> 128, so a swapped or
 # untransposed lora_A/lora_B cannot pass.
 LLAMA = LlamaConfig.tiny()
 LLAMA_SCANNED = dataclasses.replace(LLAMA, scan_layers=True)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def is_node(x):
-    return isinstance(x, jaxlora.LoraNode)
 
 
 def nodes(delta):

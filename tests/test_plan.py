@@ -21,6 +21,7 @@ from jaxlora.models.hf import llama_config_from_hf
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
 from jaxlora.plan import MethodPlan, Plan, parse_bytes, plan
 from jaxlora.quant import is_quantized
+from tests.helpers import is_node
 
 ADAM = optax.adam(1e-3)
 
@@ -94,12 +95,8 @@ def test_counts_match_an_actual_split_and_the_analytic_formula():
     per_layer = r * ((d + d) * 2 + (d + kv) * 2 + (d + ff) * 3)  # q, o; k, v; gate, up, down
     assert p.lora.trainable_params == cfg.n_layers * per_layer
     assert p.lora.checkpoint_bytes == sum(
-        n.a.nbytes + n.b.nbytes for n in jax.tree.leaves(delta, is_leaf=_is_node) if _is_node(n)
+        n.a.nbytes + n.b.nbytes for n in jax.tree.leaves(delta, is_leaf=is_node) if is_node(n)
     )
-
-
-def _is_node(x):
-    return isinstance(x, jaxlora.LoraNode)
 
 
 # ------------------------------------------------------------- compiled memory plans

@@ -14,7 +14,7 @@ import jaxlora
 from jaxlora import memory as _memory
 from jaxlora import quant
 from jaxlora.models.llama import Llama, LlamaConfig, causal_lm_loss
-from tests.helpers import dense_merge, randomize_b
+from tests.helpers import dense_merge, randomize_b, train
 
 
 class Deep(nn.Module):
@@ -96,13 +96,7 @@ def test_qlora_training_on_the_reference_decoder_lowers_the_loss(key):
     qbase = jaxlora.quantize(base, targets="layers/.*kernel", double_quant=False)
     assert isinstance(qbase["layers"]["mlp"]["up_proj"]["kernel"], jaxlora.QuantizedArray)
     loss = lambda p, toks: causal_lm_loss(model.apply({"params": p}, toks), toks)
-    tx = _memory.lora_optimizer(optax.adam(1e-2), delta)
-    step = jax.jit(_memory.lora_step(loss, tx))
-    state = tx.init(delta)
-    losses = []
-    for _ in range(30):
-        delta, state, value = step(delta, state, qbase, tokens)
-        losses.append(float(value))
+    _, losses = train(loss, qbase, delta, tokens, steps=30, lr=1e-2)
     assert losses[-1] < 0.9 * losses[0]  # from ln(256): memorizing random tokens
 
 

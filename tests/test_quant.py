@@ -23,6 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from jaxlora import quant
 from jaxlora.quant import QuantizedArray
+from tests.helpers import normal
 
 # bitsandbytes' published NF4 table (``get_4bit_type("nf4")``, QLoRA Appendix E),
 # code 0 first.
@@ -112,12 +113,6 @@ def nf4_table():
     # The module's float32 NF4 (checked against the published table below, to 2e-7):
     # code-for-code comparison needs the same float32 values near rounding ties.
     return np.asarray(quant.NF4)
-
-
-def normal(shape, seed=0, dtype=np.float32):
-    """Standard normal weights from a fixed seed (numpy: no compilation per shape)."""
-    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    return jnp.asarray(x.astype(dtype))
 
 
 # Most tests share this shape so that the jitted quantizer compiles once per option set.

@@ -17,6 +17,8 @@ import pytest
 
 import jaxlora
 from jaxlora.variants import AdaLoraConfig, AdaLoraNode, DoraNode, VeraConfig, VeraNode
+from tests.fixtures import Stack
+from tests.helpers import normal as normal  # re-exported: the variant tests import it
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -38,25 +40,6 @@ class Heads(nn.Module):
     def __call__(self, x):
         q = nn.DenseGeneral((2, 4), name="query")(x)
         return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(jnp.tanh(q))
-
-
-class Layer(nn.Module):
-    @nn.compact
-    def __call__(self, h, _):
-        return h + nn.Dense(8, name="proj")(jnp.tanh(h)), None
-
-
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        h, _ = scan(name="layers")(x, None)
-        return h
-
-
-def normal(*shape, seed=0):
-    """Standard normal float32 test data from numpy (no program compiled per shape)."""
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def _model(module, shape):

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxlora import _engine, _paths
 from jaxlora._checks import check_key
+from jaxlora._config import check_bool
 from jaxlora._engine._routing import ROUTINGS
 from jaxlora._merge import check_structure, merge
 from jaxlora._node import is_delta_leaf
@@ -87,6 +88,7 @@ def lora_apply(
         >>> bool(jnp.allclose(jax.jit(f)(base, delta, x), x @ params["w"]))
         True
     """
+    check_bool("strict", strict)
     if not callable(fn):
         raise TypeError(
             f"lora_apply wraps a function fn(params, *args); got {fn!r:.60} "

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora import _paths
 
@@ -264,12 +265,22 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 def check_bool(name: str, value: Any) -> None:
-    """Raises a ``TypeError`` unless ``value`` is a bool (not a truthy string or number)."""
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"{name} must be True or False; got {value!r} ({type(value).__name__}). A string "
-            f"such as 'False' is truthy: pass {name}=False."
-        )
+    """Raises a ``TypeError`` unless ``value`` is a bool (not a truthy string or number).
+
+    Example:
+        >>> from jaxlora._config import check_bool
+        >>> check_bool("strict", True)
+        >>> check_bool("strict", "False")
+        Traceback (most recent call last):
+        ...
+        TypeError: strict must be True or False; got 'False' (str). A string such as ...
+    """
+    if isinstance(value, bool | np.bool_):
+        return
+    hint = ""
+    if isinstance(value, str):
+        hint = f" A string such as 'False' is truthy: pass {name}=False."
+    raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__}).{hint}")
 
 
 def check_unit_interval_open_right(name: str, value: Any) -> None:

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from jaxlora import _paths
+from jaxlora._checks import delta_items, describe
 from jaxlora._node import AdapterNode, is_node
 
 __all__ = ["ParameterCount", "adapter_nbytes", "count_parameters", "summary", "trainable_mask"]
@@ -47,6 +48,12 @@ def trainable_mask(tree: Any) -> Any:
             return jax.tree.map(lambda _: True, x)
         return False
 
+    if not _holds_nodes(tree):
+        raise ValueError(
+            f"trainable_mask got a tree that holds no adapter node ({describe(tree)}): every "
+            "leaf would be frozen. Pass the delta or (base, delta), from "
+            "base, delta = jaxlora.split(params, config, key=key)."
+        )
     return jax.tree.map(one, tree, is_leaf=is_node)
 
 
@@ -93,7 +100,7 @@ def count_parameters(base: Any, delta: Any) -> ParameterCount:
             "that holds none: the arguments are swapped. Call "
             "jaxlora.count_parameters(base, delta) with base, delta = jaxlora.split(...)."
         )
-    trainable = sum(_trainable_size(n) for n in _nodes_of(delta))
+    trainable = sum(_trainable_size(n) for n in _delta_nodes(delta, "count_parameters"))
     frozen = sum(
         int(_paths.unbox(x).size)
         for _, x in _paths.leaves_with_paths(base)
@@ -182,7 +189,12 @@ def _nodes_of(tree: Any) -> list[AdapterNode]:
 
 
 def _delta_nodes(delta: Any, what: str) -> list[AdapterNode]:
-    nodes = _nodes_of(delta)
+    """The nodes of a delta, each checked for shapes that fit its layout."""
+    nodes = []
+    for path, node in delta_items(delta, what):
+        if node is not None:
+            node.check_shapes(path)
+            nodes.append(node)
     if not nodes:
         raise ValueError(
             f"{what} got a tree that holds no adapter node ({type(delta).__name__}); pass a "

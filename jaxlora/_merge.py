@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _paths
+from jaxlora._config import check_bool
 from jaxlora._node import AdapterNode, is_delta_leaf, is_node
 from jaxlora.quant import QuantizedArray, quantize_array
 
@@ -50,6 +51,7 @@ def merge(base: Any, delta: Any, *, requantize: bool = False) -> Any:
         >>> bool(jnp.all(jaxlora.merge(base, delta)["dense"]["kernel"] == 1.0))  # b starts at 0
         True
     """
+    check_bool("requantize", requantize)
     return _apply_delta(base, delta, sign=1.0, requantize=requantize)
 
 
@@ -140,6 +142,11 @@ def check_structure(base: Any, delta: Any) -> None:
         raise ValueError(
             f"delta holds no adapter node (got {what}). Pass the second output of "
             "jaxlora.split as delta: base, delta = jaxlora.split(params, config, key=key)."
+        )
+    if base is None:
+        raise ValueError(
+            "base is None; pass the first output of jaxlora.split as base: base, delta = "
+            "jaxlora.split(params, config, key=key)."
         )
     for key_path, node in delta_nodes:
         node.check_shapes(_paths.path_str(key_path))

@@ -50,13 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora._hosts import to_host
-from jaxlora._paths import Layout, path_str
+from jaxlora._paths import Layout
 
 __all__ = [
     "AdapterNode",
     "Constant",
-    "delta_items",
-    "describe",
     "is_delta_leaf",
     "is_node",
     "node_type",
@@ -430,42 +428,6 @@ def is_node(x: Any) -> bool:
 def is_delta_leaf(x: Any) -> bool:
     """``is_leaf`` for walking a delta: adapter nodes and holes (``None``)."""
     return x is None or is_node(x)
-
-
-def describe(x: Any) -> str:
-    """A short description of a value for error messages."""
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return f"a {type(x).__name__} ({x!r:.40})"
-
-
-def delta_items(delta: Any, what: str) -> list[tuple[str, AdapterNode | None]]:
-    """``(path, node or None)`` for every leaf of a delta; any other leaf raises.
-
-    Args:
-        delta: a delta: adapter nodes and ``None`` holes.
-        what: the public function that checks it, named in the message.
-
-    Raises:
-        TypeError: a leaf is neither an adapter node nor ``None`` (an array, say,
-            when a parameter tree is passed where the delta belongs).
-    """
-    items = []
-    for key_path, node in jax.tree_util.tree_flatten_with_path(delta, is_leaf=is_delta_leaf)[0]:
-        path = path_str(key_path)
-        if node is not None and not is_node(node):
-            hint = (
-                " It looks like a parameter tree: was base passed in the delta's place?"
-                if hasattr(node, "shape")
-                else ""
-            )
-            raise TypeError(
-                f"{what}: delta holds {describe(node)} at {path!r}; a delta holds adapter nodes "
-                "and None holes. Pass the second output of jaxlora.split "
-                f"(base, delta = jaxlora.split(params, config, key=key)).{hint}"
-            )
-        items.append((path, node))
-    return items
 
 
 def matmul32(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -42,7 +42,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from jaxlora import _paths
-from jaxlora._node import AdapterNode, delta_items, is_delta_leaf, is_node
+from jaxlora._checks import delta_items
+from jaxlora._node import AdapterNode, is_delta_leaf, is_node
 from jaxlora._placement import factor_specs as factor_specs
 from jaxlora._placement import node_shardings, node_specs
 

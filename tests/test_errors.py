@@ -148,9 +148,18 @@ def test_lora_apply_rejects_bad_keys_ids_and_functions_that_ignore_params(split)
 
 def test_counts_and_many_adapter_tools(split):
     _, _, base, delta = split
-    for fn in (jaxlora.summary, jaxlora.adapter_nbytes):
+    for fn in (jaxlora.summary, jaxlora.adapter_nbytes, jaxlora.count_parameters):
+        args = (base,) if fn is not jaxlora.count_parameters else (base, base)
+        with pytest.raises(
+            TypeError,
+            match=r"delta holds an array .* at 'dense/bias'.*was base passed in the delta",
+        ):
+            fn(*args)
+    for fn, args in ((jaxlora.summary, (None,)), (jaxlora.count_parameters, (base, None))):
         with pytest.raises(ValueError, match="holds no adapter node"):
-            fn(base)
+            fn(*args)
+    with pytest.raises(ValueError, match="trainable_mask got a tree that holds no adapter node"):
+        jaxlora.trainable_mask(3)
     with pytest.raises(TypeError, match="lora_apply wraps a function"):
         jaxlora.lora_apply(3)
     with pytest.raises(ValueError, match="arguments are swapped"):
@@ -321,6 +330,13 @@ def _tensors(change):
         (_settings(lambda s: s.update(rank_pattern={"(": 2})), r"rank_pattern key '\(', which is"),
         (_settings(lambda s: s.update(target_modules=3)), r"target_modules=3; PEFT expects"),
         (_settings(lambda s: s.update(lora_dropout="x")), r"lora_dropout='x'; it must be a number"),
+        (_settings(lambda s: s.update(bias="all")), r"bias='all': the adapter also trained bias"),
+        (_settings(lambda s: s.update(fan_in_fan_out="no")), r"fan_in_fan_out='no'; PEFT writes"),
+        (_settings(lambda s: s.update(layers_to_transform=["0"])), r"layers_to_transform=\['0'\]"),
+        (
+            _tensors(lambda t: next(iter(t.values())).__setitem__((0, 0), np.nan)),
+            r"with 1 non-finite values \(NaN or infinite\) of",
+        ),
         (lambda d: (d / peft.CONFIG_NAME).write_text("{x"), r"is not valid JSON"),
         (lambda d: (d / peft.CONFIG_NAME).write_text("[1]"), r"does not hold a JSON object"),
         (
@@ -364,3 +380,93 @@ def test_dequantize_with_a_dtype_that_is_not_floating(dtype):
     with pytest.raises(TypeError, match=r"dequantize needs a floating dtype"):
         q["w"].dequantize(dtype)
     assert jaxlora.dequantize(q, "bfloat16")["w"].dtype == jnp.bfloat16  # names still work
+
+
+# ------------------------------------------------------------------ booleans, misplaced deltas
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda p, b, d: jaxlora.quantize(p, double_quant="False"), "double_quant"),
+        (lambda p, b, d: jaxlora.merge(b, d, requantize="False"), "requantize"),
+        (lambda p, b, d: jaxlora.lora_apply(lambda q, x: x, strict="False"), "strict"),
+    ],
+)
+def test_booleans_are_not_truthy_strings(split, call, name):
+    _, _, base, delta = split
+    with pytest.raises(TypeError, match=rf"{name} must be True or False; got 'False' \(str\)"):
+        call({"w": jnp.ones((8, 64))}, base, delta)
+
+
+def test_numpy_booleans_are_booleans():
+    assert jaxlora.LoraConfig(rslora=np.True_).rslora
+
+
+def test_quantize_refuses_a_delta(split):
+    _, _, base, delta = split
+    for tree, where in ((delta, "'dense/kernel'"), ((base, delta), "'1/dense/kernel'")):
+        with pytest.raises(
+            TypeError, match=rf"adapter node \(LoraNode\) at {where}.*Quantize the base"
+        ):
+            jaxlora.quantize(tree)
+
+
+def test_merge_with_no_base(split):
+    _, _, _, delta = split
+    with pytest.raises(ValueError, match=r"base is None; pass the first output of jaxlora\.split"):
+        jaxlora.merge(None, delta)
+
+
+def _ragged(delta):
+    node = delta["dense"]["kernel"]
+    return {"dense": {"kernel": dataclasses.replace(node, b=jnp.ones((3, 6))), "bias": None}}
+
+
+def test_nodes_with_factors_of_different_ranks_are_refused_everywhere(split):
+    _, _, base, delta = split
+    ragged = _ragged(delta)
+    calls = {
+        "count_parameters": lambda: jaxlora.count_parameters(base, ragged),
+        "summary": lambda: jaxlora.summary(ragged),
+        "adapter_nbytes": lambda: jaxlora.adapter_nbytes(ragged),
+        "pad_rank": lambda: jaxlora.pad_rank(ragged, 4),
+        "stack": lambda: jaxlora.stack([delta, ragged]),
+        "combine svd": lambda: jaxlora.combine_adapters(
+            [ragged, delta], [1, 1], method="svd", rank=2
+        ),
+        "combine cat": lambda: jaxlora.combine_adapters([delta, ragged], [1, 1]),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            ValueError, match=r"'(deltas\[\d\]: )?dense/kernel' has b of shape \(3, 6\)"
+        ):
+            call()
+
+
+@pytest.mark.parametrize(
+    ("weight", "error", "message"),
+    [
+        (float("nan"), ValueError, r"weights\[1\] must be finite; got nan"),
+        (float("inf"), ValueError, r"weights\[1\] must be finite; got inf"),
+        ("2", TypeError, r"weights\[1\] must be a number; got '2'"),
+        (True, TypeError, r"weights\[1\] must be a number; got True"),
+    ],
+)
+def test_combine_weights_are_finite_numbers(split, weight, error, message):
+    _, _, _, delta = split
+    with pytest.raises(error, match=message):
+        jaxlora.combine_adapters([delta, delta], [1.0, weight])
+    both = jaxlora.combine_adapters([delta, delta], [1.0, jnp.float32(0.5)])  # 0-d arrays work
+    assert both["dense"]["kernel"].rank == 4
+
+
+def test_adapter_shardings_says_which_argument_is_wrong(split):
+    _, _, base, delta = split
+    shardings = jax.tree.map(lambda w: w.sharding, base)
+    with pytest.raises(
+        TypeError, match="base_shardings holds adapter nodes; the arguments look swapped"
+    ):
+        jaxlora.adapter_shardings(delta, shardings)
+    with pytest.raises(TypeError, match="base_shardings is None"):
+        jaxlora.adapter_shardings(None, delta)

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxlora._checks import delta_items
 from jaxlora._hosts import is_primary, sync, to_host
-from jaxlora._node import AdapterNode, delta_items
+from jaxlora._node import AdapterNode
 from jaxlora.models import gguf as _gguf
 from jaxlora.models.llama_config import LlamaConfig
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +73,15 @@ def combine_adapters(
             f"combine_adapters needs one weight per delta; got {len(deltas)} deltas and "
             f"{len(weights) if isinstance(weights, Sequence) else weights!r} weights"
         )
+    for i, x in enumerate(weights):
+        number = isinstance(x, numbers.Real) or getattr(x, "shape", None) == ()
+        if not number or isinstance(x, bool):
+            raise TypeError(
+                f"combine_adapters: weights[{i}] must be a number; got {x!r:.40} "
+                f"({type(x).__name__})"
+            )
+        if not math.isfinite(float(x)):
+            raise ValueError(f"combine_adapters: weights[{i}] must be finite; got {float(x)}")
     columns, treedef = node_columns(deltas, "combine")
     w = [float(x) for x in weights]
     out = []

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlora import _paths
-from jaxlora._node import AdapterNode, delta_items, is_delta_leaf, is_node
+from jaxlora._checks import delta_items
+from jaxlora._node import AdapterNode, is_delta_leaf, is_node
 from jaxlora.multi._stacked import StackedNode
 
 __all__ = [
@@ -95,6 +96,7 @@ def pad_rank(delta: Any, rank: int, *, fold_scale: bool = True) -> Any:
         if node is None:
             out.append(None)
             continue
+        node.check_shapes(path)
         if node.rank > rank:
             raise ValueError(
                 f"{path!r} has rank {node.rank}, more than the requested rank {rank}; "
@@ -198,6 +200,8 @@ def node_columns(deltas: Sequence[Any], what: str) -> tuple[list[list | None], A
                     f"deltas[{i}] is already stacked at {path!r}; pass unstacked deltas "
                     "(jaxlora.multi.select picks one)"
                 )
+            if node is not None:
+                node.check_shapes(f"deltas[{i}]: {path}")
         adapted = {p for p, n in nodes.items() if n is not None}
         if structure != structures[0] or adapted != first:
             diff = sorted(adapted ^ first) or ["(tree structure)"]

@@ -70,6 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora._config import check_bool
+
 GGML_BLOCK_SIZE = 32
 
 
@@ -230,6 +232,7 @@ def resolve_options(format: str, block_size: Any, double_quant: Any) -> tuple[in
         block_size = GGML_BLOCK_SIZE if ggml else 64
     if double_quant is DEFAULT:
         double_quant = not ggml
+    check_bool("double_quant", double_quant)
     check_block_size(block_size, format)
     if ggml and block_size != GGML_BLOCK_SIZE:
         raise ValueError(

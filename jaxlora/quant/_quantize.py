@@ -33,6 +33,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxlora import _paths
+from jaxlora._node import is_node
 from jaxlora.quant import _formats
 from jaxlora.quant._array import QuantizedArray, is_quantized, result_dtype
 
@@ -187,8 +188,18 @@ def quantize(
     block_size, double_quant = _formats.resolve_options(format, block_size, double_quant)
     _check_nonfinite_option(nonfinite)
     matches = None if targets is None else _paths.target_predicate(targets, None)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: _is_leaf(x) or is_node(x)
+    )
     out, candidates, matched = [], [], 0
+    for key_path, leaf in flat:
+        if is_node(leaf):
+            raise TypeError(
+                f"quantize: tree holds an adapter node ({type(leaf).__name__}) at "
+                f"{_paths.path_str(key_path)!r}: it is (or contains) a delta, whose factors stay "
+                "in float. Quantize the base alone: base, delta = jaxlora.split(params, config, "
+                "key=key); base = jaxlora.quantize(base)"
+            )
     for key_path, leaf in flat:
         path = _paths.path_str(key_path)
         value = _paths.unbox(leaf)

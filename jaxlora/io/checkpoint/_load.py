@@ -14,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlora import _paths
-from jaxlora._node import AdapterNode, Constant, describe, is_delta_leaf, is_node, node_type
+from jaxlora._checks import describe
+from jaxlora._node import AdapterNode, Constant, is_delta_leaf, is_node, node_type
 from jaxlora._placement import node_shardings
 from jaxlora.io.checkpoint import _codec, _directory
 from jaxlora.io.checkpoint._directory import ARRAYS, CONSTANTS, METADATA

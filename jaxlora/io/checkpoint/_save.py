@@ -23,8 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxlora import _paths
+from jaxlora._checks import delta_items
 from jaxlora._hosts import is_primary
-from jaxlora._node import Constant, delta_items, is_delta_leaf
+from jaxlora._node import Constant, is_delta_leaf
 from jaxlora.io.checkpoint import _codec, _directory
 from jaxlora.io.checkpoint._directory import ARRAYS, CONSTANTS
 

@@ -73,6 +73,23 @@ def check_common_settings(settings: dict[str, Any], file: Any) -> None:
                 re.compile(value)
             except re.error as e:
                 raise ValueError(f"{file} has {field}={value!r}, not a valid regex ({e})") from None
+    if settings.get("bias", "none") != "none":
+        raise ValueError(
+            f"{file} has bias={settings['bias']!r}: the adapter also trained biases, which a "
+            "jaxlora delta does not carry; jaxlora reads adapters saved with bias='none'"
+        )
+    if not isinstance(settings.get("fan_in_fan_out", False), bool):
+        raise ValueError(
+            f"{file} has fan_in_fan_out={settings['fan_in_fan_out']!r}; PEFT writes true or false"
+        )
+    layers = settings.get("layers_to_transform")
+    ok = layers is None or (isinstance(layers, int) and not isinstance(layers, bool))
+    ok = ok or (isinstance(layers, list) and all(type(v) is int for v in layers))
+    if not ok:
+        raise ValueError(
+            f"{file} has layers_to_transform={layers!r}; PEFT writes null, a layer index or a "
+            "list of layer indices"
+        )
 
 
 def check_dropout(settings: dict[str, Any], field: str, file: Any) -> None:
@@ -144,6 +161,13 @@ def float_tensor(key: str, tensor: np.ndarray, file: Any) -> np.ndarray:
         raise ValueError(
             f"{file} holds {key!r} of dtype {tensor.dtype}; adapter tensors are floating point. "
             "The file is damaged or was not written by PEFT"
+        )
+    finite = np.isfinite(tensor.astype(np.float32))
+    if not finite.all():
+        raise ValueError(
+            f"{file} holds {key!r} with {int(finite.size - finite.sum())} non-finite values "
+            f"(NaN or infinite) of {finite.size}; the adapter diverged in training or the file "
+            "is damaged"
         )
     return tensor
 

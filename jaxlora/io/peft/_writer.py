@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from jaxlora._checks import delta_items
 from jaxlora._hosts import is_primary, sync
-from jaxlora._node import delta_items
 from jaxlora.io.peft._format import (
     CONFIG_NAME,
     PREFIX,

@@ -1,10 +1,13 @@
 """Smoke tests for ``benchmarks/``: every benchmark's ``--quick`` run exits 0 and prints its tables.
 
-Each benchmark runs as ``python -m benchmarks.NAME --quick`` in a subprocess
-from the repository root, the way the docstrings tell a user to run it. Its
-numbers at tiny sizes mean nothing; what is checked is that the code still
-runs end to end, that every table's header line (its column names) reaches
-stdout, and that the progress bars go to stderr, not into the tables.
+The benchmarks are the modules ``benchmarks/*.py`` whose names do not start
+with ``_``, found on disk, so a new one is smoke-tested without being listed
+here. Each runs as ``python -m benchmarks.NAME --quick`` in a subprocess from
+the repository root, the way the docstrings tell a user to run it. Its numbers
+at tiny sizes mean nothing; what is checked is that the code still runs end to
+end, that the progress bars go to stderr, not into the tables, and, for the
+benchmarks listed in ``TABLES``, that every table's header line (its column
+names) reaches stdout and that a known progress bar is on stderr.
 
 The subprocess inherits this process's environment, ``XLA_FLAGS`` included,
 so it sees the root ``conftest.py``'s 8 simulated CPU devices and its
@@ -33,7 +36,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # for a hung run; the slowest, peers, takes 45-85 s on 2 loaded cores
 
-# For each benchmark: the column names of each of its tables' header lines (each tuple must
+# The benchmarks: benchmarks/*.py, less the package's __init__ and private helpers (_common).
+BENCHMARKS = sorted(
+    p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_")
+)
+
+# For a benchmark listed here: the column names of each of its tables' header lines (each tuple must
 # stand on one line of stdout) and the label of one of its progress bars (on stderr).
 TABLES: dict[str, tuple[list[tuple[str, ...]], str]] = {
     "memory": (
@@ -96,14 +104,21 @@ def _rows(text: str) -> set[str]:
     return {line.split("  ")[0] for line in text.splitlines()}
 
 
-@pytest.mark.parametrize("name", sorted(TABLES))
+def test_tables_name_only_benchmarks_that_exist():
+    stale = sorted(set(TABLES) - set(BENCHMARKS))
+    assert not stale, f"TABLES lists {stale}, not in benchmarks/; found {BENCHMARKS}"
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
 def test_quick_run_prints_its_tables(name):
     proc = _run(["-m", f"benchmarks.{name}", "--quick"])
+    assert "it/s]" not in proc.stdout and "s/it]" not in proc.stdout  # bars stay off stdout
+    if name not in TABLES:  # a new benchmark: it runs; its tables are not described yet
+        return
     headers, bar = TABLES[name]
     for columns in headers:
         assert _has_line(proc.stdout, columns), f"no line with {columns} in:\n{proc.stdout}"
     assert bar in proc.stderr, f"no {bar!r} progress bar on stderr:\n{proc.stderr[-3000:]}"
-    assert "it/s]" not in proc.stdout and "s/it]" not in proc.stdout  # bars stay off stdout
     if name == "peers":  # every installed peer has its row; a missing one is named
         if importlib.util.find_spec("qwix") is None:
             assert "skipped the Qwix rows: qwix is not installed" in proc.stdout

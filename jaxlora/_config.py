@@ -221,14 +221,23 @@ class LoraConfig:
     def check_node(self, path: str, node: Any) -> None:
         """Raises unless ``node`` is the adapter this config makes at ``path``.
 
-        Compares the node type (LoRA or DoRA), rank, scale and dtype; the
-        checkpoint writer calls it so that a stored config never disagrees
-        with the stored arrays.
+        Compares the targets (unless given as a predicate, which may read the
+        weight), node type (LoRA or DoRA), rank, scale, dropout and dtype; the
+        checkpoint writer and reader call it so that a stored config never
+        disagrees with the stored arrays.
 
         Raises:
-            ValueError: for another node type, rank or scale.
+            ValueError: for a path the targets leave out, another node type,
+                rank, scale or dropout.
             TypeError: for another dtype of ``a`` or ``b``.
         """
+        by_name = not callable(self.targets) and not callable(self.exclude)
+        if by_name and not self.matcher()(path, None):
+            raise ValueError(
+                f"the delta adapts {path!r}, but config's targets={self.targets!r} "
+                f"(exclude={self.exclude!r}) leave that path out: the stored config would not "
+                "make this adapter. Pass the config the delta was made with."
+            )
         check_node_matches(
             path,
             node,

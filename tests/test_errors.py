@@ -186,6 +186,8 @@ def test_save_adapter_refuses_a_config_that_disagrees_with_the_arrays(tmp_path, 
         (dict(alpha=8.0), r"has scale 2.0, but config gives that path scale 4.0"),
         (dict(rank=4), r"has rank 2, but config gives that path rank 4"),
         (dict(use_dora=True), r"is a LoraNode \(kind 'lora'\), but config makes 'dora'"),
+        (dict(targets="nothing"), r"adapts 'dense/kernel', but config's targets='nothing'"),
+        (dict(exclude="dense"), r"targets='dense' \(exclude='dense'\) leave that path out"),
     ):
         wrong = dataclasses.replace(config, **change)
         with pytest.raises(ValueError, match=message):

@@ -472,3 +472,11 @@ def test_adapter_shardings_says_which_argument_is_wrong(split):
         jaxlora.adapter_shardings(delta, shardings)
     with pytest.raises(TypeError, match="base_shardings is None"):
         jaxlora.adapter_shardings(None, delta)
+
+
+def test_load_peft_says_when_base_is_not_a_base(peft_file, split):
+    _, directory = peft_file
+    _, _, _, delta = split
+    for wrong, what in ((None, "None"), (delta, r"a tree that holds adapter nodes \(a delta\?\)")):
+        with pytest.raises(TypeError, match=rf"load_peft: base is {what}; pass the frozen"):
+            jaxlora.load_peft(directory, base=wrong, key_map=peft.LLAMA_KEY_MAP)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _paths
+from jaxlora._node import is_node
 from jaxlora.io.peft._format import (
     PREFIX,
     SHARED_PREFIX,
@@ -103,6 +104,12 @@ def load_peft(
         >>> loaded_config.scale_for("layers_0/mlp/up_proj/kernel")
         2.0
     """
+    if base is None or any(is_node(x) for x in jax.tree.leaves(base, is_leaf=is_node)):
+        what = "None" if base is None else "a tree that holds adapter nodes (a delta?)"
+        raise TypeError(
+            f"load_peft: base is {what}; pass the frozen parameters the adapter is for, the "
+            "first output of jaxlora.split (base, delta = jaxlora.split(params, config, key=key))"
+        )
     key_map = as_key_map(key_map)
     directory = pathlib.Path(directory)
     settings = read_json(directory)

@@ -52,7 +52,12 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     ("flags", "message"),
     [
         (["--batch-size", "0"], "--batch-size must be positive"),
-        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "-1"], "--lr must be a finite positive number"),
+        (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
+        (["--full-lr", "nan"], "--full-lr must be a finite positive number, got nan"),
+        (["--rank", "100000"], "--rank 100000 exceeds the encoder's width (384)"),
+        (["--max-length", "100000"], "exceeds the encoder's 512 positions"),
+        (["--out", "FILE"], "is a file; pass a directory"),
         (["--alpha", "inf"], "alpha must be a finite number > 0"),
         (["--targets", "nothing_matches_this"], None),  # valid config: fails later, not here
         (["--targets", ","], "names no target"),
@@ -63,7 +68,9 @@ def test_bad_flags_exit_2_with_one_line_before_loading_anything(
     tmp_path, monkeypatch, capsys, flags, message
 ):
     (tmp_path / "adapter").mkdir()
-    flags = [str(tmp_path) if f == "ADAPTER" else f for f in flags]
+    (tmp_path / "file").write_text("")
+    paths = {"ADAPTER": str(tmp_path), "FILE": str(tmp_path / "file")}
+    flags = [paths.get(f, f) for f in flags]
     loaded = []
     monkeypatch.setattr(_main, "load_rotten_tomatoes", lambda: loaded.append(1) or ([], []))
     monkeypatch.setattr(_main, "run_on", lambda *a: 0)
@@ -105,7 +112,7 @@ def test_flags_override_quick_defaults_and_bad_values_raise():
         _main._settings(parser.parse_args(["--batch-size", "0"]))
     with pytest.raises(ValueError, match="--steps must be positive"):
         _main._settings(parser.parse_args(["--steps", "-1"]))
-    with pytest.raises(ValueError, match="--full-lr must be positive"):
+    with pytest.raises(ValueError, match="--full-lr must be a finite positive number"):
         _main._settings(parser.parse_args(["--full-lr", "0"]))
 
 

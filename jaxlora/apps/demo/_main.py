@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import pathlib
 import sys
 import tempfile
@@ -53,6 +54,8 @@ DEFAULTS: dict[str, Any] = dict(
 QUICK: dict[str, Any] = dict(DEFAULTS, epochs=1, steps=6, batch_size=16, max_length=32)
 _QUICK_TRAIN, _QUICK_TEST = 96, 64
 _MERGE_TOLERANCE = 1e-3  # max |logit difference| allowed between merged and adapted models
+_MINILM_WIDTH = 384  # all-MiniLM-L6-v2: hidden size (every adapted matrix has min(in, out) = 384)
+_MINILM_POSITIONS = 512  # and its position embeddings
 _print = functools.partial(print, flush=True)  # keep stdout in step with the bars on stderr
 
 
@@ -134,14 +137,27 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if settings[name] is not None and settings[name] < 1:
             raise ValueError(f"--{name} must be positive, got {settings[name]}")
     for name in ("lr", "full_lr"):
-        if not settings[name] > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {settings[name]}")
+        if not (settings[name] > 0 and math.isfinite(settings[name])):
+            flag = f"--{name.replace('_', '-')}"
+            raise ValueError(f"{flag} must be a finite positive number, got {settings[name]}")
+    if settings["rank"] > _MINILM_WIDTH:
+        raise ValueError(
+            f"--rank {settings['rank']} exceeds the encoder's width ({_MINILM_WIDTH}): a rank "
+            f"above min(in, out) of every adapted weight adds nothing; pass at most {_MINILM_WIDTH}"
+        )
+    if settings["max_length"] > _MINILM_POSITIONS:
+        raise ValueError(
+            f"--max-length {settings['max_length']} exceeds the encoder's {_MINILM_POSITIONS} "
+            "positions; pass at most that"
+        )
     return settings
 
 
 def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], jaxlora.LoraConfig]:
     """The checked settings and the LoRA config of ``args``; raises for invalid flags."""
     s = _settings(args)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; pass a directory (new or existing)")
     if args.out is not None and (args.out / "adapter").exists():
         raise ValueError(
             f"{args.out / 'adapter'} already exists; pass an --out directory without an "

@@ -20,7 +20,8 @@ variants in :mod:`jaxlora.variants`, the stacked nodes of
   :attr:`AdapterNode.scale`) and, optionally, a per-output multiplier
   (:meth:`AdapterNode.output_scale`);
 * **it merges and unmerges** (:meth:`AdapterNode.merge_into`,
-  :meth:`AdapterNode.unmerge_from`);
+  :meth:`AdapterNode.unmerge_from`), and recomputes the frozen values it
+  derives from its base weight (:meth:`AdapterNode.with_base`);
 * **it serializes** through :meth:`AdapterNode.arrays` and
   :meth:`AdapterNode.static_metadata` (Orbax checkpoints, JSON) and back
   through :meth:`AdapterNode.from_saved`, and it registers a ``kind`` name
@@ -242,6 +243,16 @@ class AdapterNode:
     def unmerge_from(self, merged: jax.Array) -> jax.Array:
         """The inverse of :meth:`merge_into`."""
         return merged - self.delta_weight(jnp.float32)
+
+    def with_base(self, weight: Any) -> AdapterNode:
+        """This node with the frozen values it derives from its base ``weight`` filled in.
+
+        A node made under tracing (``jax.jit`` of ``split``) cannot hold such
+        values (DoRA's base column norms); ``load_adapter(..., base=...)``
+        calls this with each concrete base weight. Plain LoRA derives nothing.
+        """
+        del weight
+        return self
 
     # -------------------------------------------------------------- transforms
 

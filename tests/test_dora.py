@@ -179,6 +179,29 @@ def test_split_under_tracing_has_no_base_norm(key):
     assert traced.base_norm is None
 
 
+def test_a_jit_split_adapter_restored_with_its_base_unmerges_exactly(key, tmp_path):
+    """jit(split) keeps no base norms; load_adapter(base=...) recomputes them from the base, so
+    the restored node unmerges to the base and has the eager split's tree structure."""
+    config = jaxlora.LoraConfig(rank=2, targets="kernel", use_dora=True)
+    params = {"kernel": normal(5, 4)}
+    base, eager = jaxlora.split(params, config, key=key)
+    _, traced = jax.jit(lambda p: jaxlora.split(p, config, key=key))(params)
+    trained = jax.tree.map(lambda x: x + 0.1 * jnp.ones_like(x), traced)  # b != 0, m moved
+    with pytest.raises(ValueError, match=r"no base_norm .*jaxlora.load_adapter\(path, base=base\)"):
+        jaxlora.unmerge(jaxlora.merge(base, trained), trained)
+    path = jaxlora.save_adapter(tmp_path / "a", trained, config=config)
+    restored, _ = jaxlora.load_adapter(path, base=base)
+    assert jax.tree.structure(restored) == jax.tree.structure(eager)
+    np.testing.assert_allclose(
+        restored["kernel"].base_norm.value, np.linalg.norm(params["kernel"], axis=0), rtol=1e-6
+    )
+    merged = jaxlora.merge(base, restored)
+    np.testing.assert_allclose(
+        jaxlora.unmerge(merged, restored)["kernel"], params["kernel"], rtol=1e-5, atol=1e-6
+    )
+    assert jaxlora.load_adapter(path)[0]["kernel"].base_norm is None  # no base: nothing to read
+
+
 def test_a_zero_column_stays_zero_without_nans(key):
     w = normal(5, 4).at[:, 2].set(0.0)
     base, delta = jaxlora.split(

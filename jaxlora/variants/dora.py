@@ -145,6 +145,16 @@ class DoraNode(AdapterNode, kind="dora"):
         """The adapter's rank."""
         return self.a.shape[-1]
 
+    def with_base(self, weight: Any) -> DoraNode:
+        """This node with ``base_norm`` read from ``weight`` if it has none (and ``weight``
+        is concrete): what a node split under ``jax.jit`` needs to unmerge."""
+        if self.base_norm is not None or not isinstance(weight, jax.Array | QuantizedArray):
+            return self
+        if isinstance(weight, QuantizedArray):
+            weight = weight.dequantize(jnp.float32)
+        norm = Constant.of(_column_norm(_matrix(weight, self.layout)))
+        return self if norm is None else dataclasses.replace(self, base_norm=norm)
+
     def factors(self) -> tuple[jax.Array, jax.Array]:
         """``(a, b)``: the direction's low-rank delta is ``scale · a @ b``."""
         return self.a, self.b
@@ -192,10 +202,11 @@ class DoraNode(AdapterNode, kind="dora"):
         """
         if self.base_norm is None:
             raise ValueError(
-                "this DoraNode has no base_norm, and W + s·a@b cannot be recovered from the "
-                "merged weight and the delta alone: DoRA's merge divides each column by its "
-                "norm. Unmerge with the delta that jaxlora.split returned (it stores the "
-                "base's column norms), or keep the base instead of unmerging."
+                "this DoraNode has no base_norm (it was split under jax.jit or eval_shape), and "
+                "W + s·a@b cannot be recovered from the merged weight and the delta alone: "
+                "DoRA's merge divides each column by its norm. Restore the adapter with its "
+                "base, jaxlora.load_adapter(path, base=base), which recomputes the norms; split "
+                "outside jit; or keep the base instead of unmerging."
             )
         u = _safe_ratio(1.0, self.m)[..., None, :] * _matrix(merged, self.layout)  # (W+Δ)/n
         delta = _delta_matrix(self.a, self.b, self.scale)

@@ -137,7 +137,9 @@ def load_adapter(
         for name, ref in entry["arrays"].items():
             if "constant" in ref:
                 arrays[name] = constants[ref["constant"]]
-        nodes[entry["path"]] = _node(entry, arrays, statics[entry["path"]], path, config)
+        node = _node(entry, arrays, statics[entry["path"]], path, config)
+        weight = weights.get(entry["path"])
+        nodes[entry["path"]] = node if weight is None else node.with_base(weight)
     if base is not None:
         return treedef.unflatten([nodes.get(p) for p in base_paths]), config
     return _nested_dict(entries, metadata["holes"], nodes), config

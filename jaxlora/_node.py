@@ -244,6 +244,11 @@ class AdapterNode:
         """The inverse of :meth:`merge_into`."""
         return merged - self.delta_weight(jnp.float32)
 
+    def stack_hint(self, field: str) -> str:
+        """How to make adapters whose static ``field`` differs stackable (for the error)."""
+        del field
+        return "make them with the same config"
+
     def with_base(self, weight: Any) -> AdapterNode:
         """This node with the frozen values it derives from its base ``weight`` filled in.
 

@@ -200,6 +200,9 @@ def test_a_jit_split_adapter_restored_with_its_base_unmerges_exactly(key, tmp_pa
         jaxlora.unmerge(merged, restored)["kernel"], params["kernel"], rtol=1e-5, atol=1e-6
     )
     assert jaxlora.load_adapter(path)[0]["kernel"].base_norm is None  # no base: nothing to read
+    with pytest.raises(ValueError, match=r"static 'base_norm'.*one was split under jax.jit"):
+        jaxlora.stack([eager, trained])
+    assert jaxlora.stack([eager, restored])["kernel"].n_adapters == 2
 
 
 def test_a_zero_column_stays_zero_without_nans(key):

@@ -236,13 +236,7 @@ def _check_stackable(path: str, nodes: list[AdapterNode]) -> None:
                 raise ValueError(
                     f"deltas[{i}] and deltas[0] hold {type(first).__name__}s at {path!r} that "
                     f"differ in their static {field.name!r} ({mine!r} vs {theirs!r}), which all "
-                    "stacked adapters share; "
-                    + (
-                        "VeRA adapters stack only when they were made with the same "
-                        "projection_key (they share the frozen projections)"
-                        if field.name == "projection"
-                        else "make them with the same config"
-                    )
+                    f"stacked adapters share; {first.stack_hint(field.name)}"
                 )
         raise ValueError(
             f"deltas[{i}] and deltas[0] hold adapters at {path!r} of different structures"

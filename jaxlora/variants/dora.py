@@ -145,6 +145,16 @@ class DoraNode(AdapterNode, kind="dora"):
         """The adapter's rank."""
         return self.a.shape[-1]
 
+    def stack_hint(self, field: str) -> str:
+        """An adapter split under ``jax.jit`` lacks the base norms that an eager split keeps."""
+        if field == "base_norm":
+            return (
+                "one was split under jax.jit (no base column norms) and one outside it, or "
+                "from another base: restore both with jaxlora.load_adapter(path, base=base), "
+                "which recomputes the norms from the base"
+            )
+        return super().stack_hint(field)
+
     def with_base(self, weight: Any) -> DoraNode:
         """This node with ``base_norm`` read from ``weight`` if it has none (and ``weight``
         is concrete): what a node split under ``jax.jit`` needs to unmerge."""

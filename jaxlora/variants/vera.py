@@ -139,6 +139,15 @@ class VeraNode(AdapterNode, kind="vera"):
     projection: VeraProjection = dataclasses.field(kw_only=True, metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, kw_only=True, metadata=dict(static=True))
 
+    def stack_hint(self, field: str) -> str:
+        """VeRA adapters share their frozen projections: they stack from one projection_key."""
+        if field == "projection":
+            return (
+                "VeRA adapters stack only when they were made with the same projection_key "
+                "(they share the frozen projections)"
+            )
+        return super().stack_hint(field)
+
     @property
     def rank(self) -> int:
         """The shared rank ``r``."""

@@ -58,7 +58,7 @@ Measures:
   jaxlora's step the same way (compiled before the baseline), for a like-for-
   like pair (``--no-rss`` skips it).
 * floor: XLA's plan of the frozen JAX model's step that differentiates only
-  its input embeddings (``_memory.floor_step``): what any adapter method
+  its input embeddings (``jaxlora.memory.floor_step``): what any adapter method
   needs at least with this model and loss.
 * GFLOP: XLA's cost analysis of the lowered JAX step.
 
@@ -121,9 +121,9 @@ import sys
 if not __package__:  # run as ``python benchmarks/peers.py``: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlora import memory as _memory
+import jaxlora.memory
 
-_memory.use_memory_minimizing_cpu_scheduler()
+jaxlora.memory.use_memory_minimizing_cpu_scheduler()
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -236,8 +236,10 @@ class JaxMethod:
         self.jitted = jax.jit(self.step, donate_argnums=(0, 1))
 
     def plan(self, tokens: Any) -> None:
-        args = [_memory.abstract(x) for x in (self.train, self.opt_state, self.frozen, tokens)]
-        self.memory = _memory.memory_of(self.step, *args, donate_argnums=(0, 1))
+        args = [
+            jaxlora.memory.abstract(x) for x in (self.train, self.opt_state, self.frozen, tokens)
+        ]
+        self.memory = jaxlora.memory.memory_of(self.step, *args, donate_argnums=(0, 1))
         cost = jax.jit(self.step).lower(*args).cost_analysis()
         self.flops = float(cost["flops"]) if cost else float("nan")
 
@@ -266,8 +268,8 @@ def build_jax_methods(
     # jaxlora on the linen model.
     base, delta = jaxlora.split(params, lcfg, key=key)
     delta = fill_delta(delta, adapters)
-    tx = _memory.lora_optimizer(adam, delta)
-    step = _memory.lora_step(lm_loss(model), tx)
+    tx = jaxlora.memory.lora_optimizer(adam, delta)
+    step = jaxlora.memory.lora_step(lm_loss(model), tx)
     jl_step = lambda train, opt, frozen, t: step(train, opt, frozen, t)
     count = jaxlora.count_parameters(base, delta).trainable
     methods.append(
@@ -301,8 +303,8 @@ def build_jax_methods(
     nbase, ndelta = jaxlora.split(state, lcfg, key=key)
     ndelta = fill_delta(ndelta, adapters)
     nnx_loss = lambda s, t: causal_lm_loss(nnx.merge(graphdef, s)(t), t)
-    ntx = _memory.lora_optimizer(adam, ndelta)
-    nstep = _memory.lora_step(nnx_loss, ntx)
+    ntx = jaxlora.memory.lora_optimizer(adam, ndelta)
+    nstep = jaxlora.memory.lora_step(nnx_loss, ntx)
     methods.append(
         JaxMethod(
             "jaxlora (NNX model)",
@@ -488,10 +490,10 @@ def _jaxlora_rss_setup(cfg: LlamaConfig, batch: int) -> Callable[[], Callable[[]
     lcfg = jaxlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, init="kaiming")
     base, delta = jax.eval_shape(lambda p: jaxlora.split(p, lcfg, key=jax.random.key(0)), params)
     loss = lm_loss(model)
-    tx = _memory.lora_optimizer(optax.adam(LR), delta)
+    tx = jaxlora.memory.lora_optimizer(optax.adam(LR), delta)
     opt_state = jax.eval_shape(tx.init, delta)
     compiled = (
-        jax.jit(_memory.lora_step(loss, tx), donate_argnums=(0, 1))
+        jax.jit(jaxlora.memory.lora_step(loss, tx), donate_argnums=(0, 1))
         .lower(delta, opt_state, base, tokens)
         .compile()
     )
@@ -566,13 +568,16 @@ def measure_rss(kind: str, batch: int, seq: int, *, quick: bool) -> dict:
 # --- main ----------------------------------------------------------------------------
 
 
-def floor_memory(cfg: LlamaConfig, params: Any, tokens: Any) -> _memory.MemoryReport:
+def floor_memory(cfg: LlamaConfig, params: Any, tokens: Any) -> jaxlora.memory.MemoryReport:
     """XLA's plan of the frozen model's step that differentiates only its input embeddings."""
     model = Llama(cfg)
     embed_loss = lambda p, e, t: causal_lm_loss(model.apply({"params": p}, inputs_embeds=e), t)
     embeds = jax.ShapeDtypeStruct((*tokens.shape, cfg.d_model), cfg.dtype)
-    return _memory.memory_of(
-        _memory.floor_step(embed_loss), _memory.abstract(params), embeds, _memory.abstract(tokens)
+    return jaxlora.memory.memory_of(
+        jaxlora.memory.floor_step(embed_loss),
+        jaxlora.memory.abstract(params),
+        embeds,
+        jaxlora.memory.abstract(tokens),
     )
 
 

@@ -26,6 +26,7 @@ LAYERS = {
     "jaxlora._hosts": 0,
     "jaxlora._paths": 0,
     "jaxlora._config": 0,
+    "jaxlora._constant": 0,
     "jaxlora._node": 0,
     "jaxlora._delta": 0,
     "jaxlora._placement": 0,

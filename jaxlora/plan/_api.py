@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxlora import memory as _memory
+import jaxlora.memory
 from jaxlora._config import LoraConfig
 from jaxlora._engine import FallbackWarning
 from jaxlora._split import split
@@ -171,18 +171,20 @@ def plan(
             notes=notes,
         )
 
-    def full_memory() -> _memory.MemoryReport:
+    def full_memory() -> jaxlora.memory.MemoryReport:
         state = state_like(jax.eval_shape(optimizer.init, params), params, mesh)
-        step = _memory.full_step(loss, optimizer)
-        return _memory.memory_of(step, params, state, batch, donate_argnums=(0, 1))
+        step = jaxlora.memory.full_step(loss, optimizer)
+        return jaxlora.memory.memory_of(step, params, state, batch, donate_argnums=(0, 1))
 
-    lora_opt = _memory.lora_optimizer(optimizer, delta)
+    lora_opt = jaxlora.memory.lora_optimizer(optimizer, delta)
 
-    def lora_memory(frozen: Any) -> Callable[[], _memory.MemoryReport]:
-        def measure() -> _memory.MemoryReport:
+    def lora_memory(frozen: Any) -> Callable[[], jaxlora.memory.MemoryReport]:
+        def measure() -> jaxlora.memory.MemoryReport:
             state = state_like(jax.eval_shape(lora_opt.init, delta), delta, mesh)
-            step = _memory.lora_step(loss, lora_opt)
-            return _memory.memory_of(step, delta, state, frozen, batch, donate_argnums=(0, 1))
+            step = jaxlora.memory.lora_step(loss, lora_opt)
+            return jaxlora.memory.memory_of(
+                step, delta, state, frozen, batch, donate_argnums=(0, 1)
+            )
 
         return measure
 

@@ -9,19 +9,18 @@ import pathlib
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import safetensors.numpy
 
 import jaxlora
-from jaxlora import memory as _memory
 from jaxlora.apps.data import load_rotten_tomatoes
 from jaxlora.apps.demo._batches import accuracy, bucket_lengths, encode
+from jaxlora.apps.demo._plans import memory_plan
 from jaxlora.apps.demo._training import (
     adamw,
     fit,
@@ -246,7 +245,7 @@ def run_on(
 
     _print("\n-- planned training memory (XLA memory_analysis of the compiled AdamW step) --")
     t = time.perf_counter()
-    plan = _memory_plan(classify, base, delta, encoder, head_shapes, s)
+    plan = memory_plan(classify, base, delta, encoder, head_shapes, s)
     _print(
         f"batch {s['batch_size']} x {s['max_length']} tokens, float32, abstract inputs, "
         f"donated state  [planned in {time.perf_counter() - t:.1f} s]"
@@ -397,53 +396,6 @@ def run_on(
         _print("FAILED: LoRA did not beat the frozen-encoder baseline")
         return 1
     return 0
-
-
-def _memory_plan(
-    classify: Callable[..., jax.Array],
-    base: Any,
-    delta: Any,
-    encoder: Any,
-    head: Any,
-    s: dict[str, Any],
-) -> dict[str, _memory.MemoryReport]:
-    """XLA's memory plan of one AdamW step, full fine-tuning and LoRA, on abstract inputs.
-
-    The planned steps are the library's ``full_step`` / ``lora_step``: in the LoRA one the
-    2-class head is frozen (770 parameters, a few KB of optimizer state less than the demo's
-    step, which trains it).
-    """
-    batch = (
-        jax.ShapeDtypeStruct((s["batch_size"], s["max_length"]), jnp.int32),
-        jax.ShapeDtypeStruct((s["batch_size"], s["max_length"]), jnp.int32),
-        jax.ShapeDtypeStruct((s["batch_size"],), jnp.int32),
-    )
-
-    def loss(params: Any, batch: Any) -> jax.Array:
-        ids, mask, labels = batch
-        logits = classify(params["bert"], params["classifier"], ids, mask)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    tx = optax.adamw(1e-3)
-    params = _memory.abstract({"bert": encoder, "classifier": head})
-    full = _memory.memory_of(
-        _memory.full_step(loss, tx),
-        params,
-        jax.eval_shape(tx.init, params),
-        batch,
-        donate_argnums=(0, 1),
-    )
-    full_delta = {"bert": delta, "classifier": jax.tree.map(lambda _: None, head)}
-    lora_tx = _memory.lora_optimizer(tx, full_delta)
-    lora = _memory.memory_of(
-        _memory.lora_step(loss, lora_tx),
-        _memory.abstract(full_delta),
-        jax.eval_shape(lora_tx.init, full_delta),
-        _memory.abstract({"bert": base, "classifier": head}),
-        batch,
-        donate_argnums=(0, 1),
-    )
-    return {"full fine-tuning": full, "LoRA": lora}
 
 
 def _nbytes(tree: Any) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 import jaxlora
-from jaxlora import memory as _memory
+import jaxlora.memory
 from jaxlora.apps.data import load_rotten_tomatoes
 from jaxlora.apps.llm_demo._task import (
     ANSWERS,
@@ -345,7 +345,7 @@ def _show_answers(
 
 def _memory_plan(
     fn: Callable[..., Any], dense: Any, quantized: Any, delta: Any, s: dict[str, Any]
-) -> dict[str, _memory.MemoryReport]:
+) -> dict[str, jaxlora.memory.MemoryReport]:
     """XLA's plan of one AdamW step at the training shape: full, LoRA and QLoRA."""
     b, t = s["batch_size"], _BUCKETS[-1] + 1  # the longest prompt and its answer
     batch = (jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, 2), jnp.int32))
@@ -358,15 +358,15 @@ def _memory_plan(
 
     tx = optax.adamw(1e-3)
     full_state = jax.eval_shape(tx.init, dense)
-    full_step = _memory.full_step(loss, tx)
-    full = _memory.memory_of(full_step, _memory.abstract(dense), full_state, batch,
+    full_step = jaxlora.memory.full_step(loss, tx)
+    full = jaxlora.memory.memory_of(full_step, jaxlora.memory.abstract(dense), full_state, batch,
                              donate_argnums=(0, 1))  # fmt: skip
     out = {"full fine-tuning": full}
-    step = _memory.lora_step(loss, tx)
+    step = jaxlora.memory.lora_step(loss, tx)
     state = jax.eval_shape(tx.init, delta)
     for name, base in (("LoRA", dense), ("QLoRA", quantized)):
-        args = (_memory.abstract(delta), state, _memory.abstract(base), batch)
-        out[name] = _memory.memory_of(step, *args, donate_argnums=(0, 1))
+        args = (jaxlora.memory.abstract(delta), state, jaxlora.memory.abstract(base), batch)
+        out[name] = jaxlora.memory.memory_of(step, *args, donate_argnums=(0, 1))
     return out
 
 

@@ -59,7 +59,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         (["--max-length", "100000"], "exceeds the encoder's 512 positions"),
         (["--out", "FILE"], "is a file; pass a directory"),
         (["--alpha", "inf"], "alpha must be a finite number > 0"),
-        (["--targets", "nothing_matches_this"], None),  # valid config: fails later, not here
+        (["--targets", "nothing_matches_this"], "matched no"),  # checked on the encoder's shapes
+        (["--targets", "query"], None),
         (["--targets", ","], "names no target"),
         (["--out", "ADAPTER"], "already exists"),
     ],

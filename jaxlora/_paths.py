@@ -36,19 +36,28 @@ _MLP_MODULES = (
     r"(gate_proj|up_proj|down_proj|fc1|fc2|fc_in|fc_out|w1|w2|w3|wi|wi_0|wi_1|"
     r"c_fc|c_proj|dense_h_to_4h|dense_4h_to_h|up|down|gate)"
 )
+# Blocks whose every weight belongs to attention, or to the MLP: a weight inside one is
+# classified by the block (GPT-2's attn/c_proj is attention's, T5's DenseReluDense/wo the
+# MLP's), and a module name of the other kind is ignored there.
+_ATTENTION_BLOCKS = (
+    r"(attn|attention|self_attn|self_attention|SelfAttention|EncDecAttention|encoder_attn|"
+    r"cross_attn|cross_attention|crossattention)"
+)
+_MLP_BLOCKS = r"(mlp|ffn|feed_forward|DenseReluDense|DenseGatedActDense|intermediate)"
 _HEAD_MODULES = r"(lm_head|classifier|head|score|output_layer|logits)"
+_CONV_MODULES = r"[^/]*((?i:conv)|patch_embed)[^/]*"  # Whisper's conv1, ViT's patch_embeddings
 PRESETS: dict[str, str] = {
     "attention": (
-        rf"((^|/){_ATTENTION_MODULES}/{_WEIGHT_NAMES}$"
-        rf"|(^|/)attention/output/dense/{_WEIGHT_NAMES}$)"  # BERT's attention output
+        rf"(^(?!(.*/)?{_MLP_BLOCKS}/)(.*/)?{_ATTENTION_MODULES}/{_WEIGHT_NAMES}$"
+        rf"|(^|/){_ATTENTION_BLOCKS}/(.+/)?{_WEIGHT_NAMES}$)"
     ),
     "mlp": (
-        rf"((^|/){_MLP_MODULES}/{_WEIGHT_NAMES}$"
-        rf"|(^|/)(mlp|ffn|feed_forward)/[^/]+/{_WEIGHT_NAMES}$"
-        rf"|(^|/)intermediate/dense/{_WEIGHT_NAMES}$"  # BERT's MLP
-        rf"|(^|/)(?<!attention/)output/dense/{_WEIGHT_NAMES}$)"
+        rf"(^(?!(.*/)?{_ATTENTION_BLOCKS}/)(.*/)?{_MLP_MODULES}/{_WEIGHT_NAMES}$"
+        rf"|(^|/){_MLP_BLOCKS}/(.+/)?{_WEIGHT_NAMES}$"
+        rf"|(^|/)(ffn|ffn_output)/{_WEIGHT_NAMES}$"  # ALBERT's MLP
+        rf"|(^|/)(?<!attention/)output/dense/{_WEIGHT_NAMES}$)"  # BERT's MLP output
     ),
-    "all-linear": rf"(^|/)[^/]+/{_WEIGHT_NAMES}$",
+    "all-linear": rf"^(?!(.*/)?{_CONV_MODULES}/)(.*/)?[^/]+/{_WEIGHT_NAMES}$",
 }
 _ALL_LINEAR_EXCLUDE = rf"(^|/){_HEAD_MODULES}/"
 

@@ -1,0 +1,137 @@
+"""The target presets classify the weights of third-party architectures as their authors do.
+
+The reference is each model's own module structure in ``transformers`` (tiny random
+configs of GPT-2, T5, BLOOM, ALBERT, Whisper, ViT and BERT): a linear layer inside an
+attention module (class name ``*Attention`` or ``*SelfOutput``) is attention's, one inside
+an MLP module (``*MLP``, ``*DenseActDense``, ``*Intermediate``, ``*Output``) or an encoder
+layer's ``fc1``/``fc2``/``ffn``/``ffn_output`` is the MLP's; ``all-linear`` takes every
+linear layer (``nn.Linear`` and GPT-2's ``Conv1D``) and no convolution. Paths are the
+module names as Flax ports spell them (``h/0/attn/c_proj/kernel``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxlora import _paths
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+
+def _models():
+    t = transformers
+    small = dict(vocab_size=60, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "gpt2": lambda: t.GPT2Model(t.GPT2Config(n_layer=1, n_embd=16, n_head=2, **small)),
+        "t5": lambda: t.T5Model(
+            t.T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, **small)
+        ),
+        "bloom": lambda: t.BloomModel(t.BloomConfig(n_layer=1, hidden_size=16, n_head=2, **small)),
+        "albert": lambda: t.AlbertModel(
+            t.AlbertConfig(
+                num_hidden_layers=1,
+                hidden_size=16,
+                num_attention_heads=2,
+                intermediate_size=32,
+                embedding_size=8,
+                **small,
+            )
+        ),
+        "whisper": lambda: t.WhisperModel(
+            t.WhisperConfig(
+                encoder_layers=1,
+                decoder_layers=1,
+                d_model=16,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=32,
+                decoder_ffn_dim=32,
+                num_mel_bins=8,
+                max_source_positions=8,
+                max_target_positions=8,
+                decoder_start_token_id=1,
+                **small,
+            )
+        ),
+        "vit": lambda: t.ViTModel(
+            t.ViTConfig(
+                num_hidden_layers=1,
+                hidden_size=16,
+                num_attention_heads=2,
+                intermediate_size=32,
+                image_size=8,
+                patch_size=4,
+            )
+        ),
+        "bert": lambda: t.BertModel(
+            t.BertConfig(
+                num_hidden_layers=1,
+                hidden_size=16,
+                num_attention_heads=2,
+                intermediate_size=32,
+                **small,
+            )
+        ),
+    }
+
+
+def _role(name: str, parent: str) -> str | None:
+    """attention, mlp or None, from the enclosing module's class (the reference)."""
+    if "Attention" in parent or parent.endswith("SelfOutput"):
+        return "attention"
+    if any(k in parent for k in ("MLP", "DenseActDense", "Intermediate")):
+        return "mlp"
+    if parent.endswith("Output") or (
+        parent.endswith("Layer") and name.rsplit(".", 1)[-1] in ("fc1", "fc2", "ffn", "ffn_output")
+    ):
+        return "mlp"
+    return None
+
+
+def _weights(model):
+    """``(flax path, abstract kernel, role, is_linear)`` for every linear or conv module."""
+    modules = dict(model.named_modules())
+    linear_types = (torch.nn.Linear, Conv1D)
+    for name, module in model.named_modules():
+        if not isinstance(module, (*linear_types, torch.nn.Conv1d, torch.nn.Conv2d)):
+            continue
+        parent = type(modules[name.rsplit(".", 1)[0]] if "." in name else model).__name__
+        ndim = module.weight.ndim
+        kernel = jax.ShapeDtypeStruct((4,) * ndim, jnp.float32)
+        path = name.replace(".", "/") + "/kernel"
+        yield path, kernel, _role(name, parent), isinstance(module, linear_types)
+
+
+@pytest.mark.parametrize("model", list(_models()))
+def test_presets_follow_the_models_own_structure(model):
+    weights = list(_weights(_models()[model]()))
+    assert any(role == "attention" for _, _, role, _ in weights)
+    attention, mlp, linear = (
+        _paths.target_predicate(preset, None) for preset in ("attention", "mlp", "all-linear")
+    )
+    for path, kernel, role, is_linear in weights:
+        assert attention(path, kernel) == (role == "attention"), (path, role)
+        assert mlp(path, kernel) == (role == "mlp"), (path, role)
+        assert linear(path, kernel) == is_linear, path  # no convolution, every linear layer
+
+
+def test_the_issues_examples():
+    """The misfilings reported against the first presets, by name."""
+    attention, mlp, linear = (
+        _paths.target_predicate(preset, None) for preset in ("attention", "mlp", "all-linear")
+    )
+    w = jax.ShapeDtypeStruct((4, 4), jnp.float32)
+    assert attention("h/0/attn/c_proj/kernel", w) and not mlp("h/0/attn/c_proj/kernel", w)
+    assert mlp("h/0/mlp/c_proj/kernel", w) and not attention("h/0/mlp/c_proj/kernel", w)
+    t5_wo = "encoder/block/0/layer/1/DenseReluDense/wo/kernel"
+    assert mlp(t5_wo, w) and not attention(t5_wo, w)
+    assert attention("h/0/self_attention/dense/kernel", w)
+    assert attention("albert_layers/0/attention/dense/kernel", w)
+    assert mlp("albert_layers/0/ffn/kernel", w) and mlp("albert_layers/0/ffn_output/kernel", w)
+    assert not linear("encoder/conv1/kernel", w) and not linear("Conv_0/kernel", w)
+    assert not linear("embeddings/patch_embeddings/projection/kernel", w)
+    assert linear("Dense_0/kernel", w) and not linear("lm_head/kernel", w)

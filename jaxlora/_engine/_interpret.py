@@ -194,6 +194,19 @@ def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
     return [y if out_scale is None else (y * out_scale).astype(y.dtype)]
 
 
+def _ragged_dot(eqn: Any, invals: list, ctx: Context) -> list | None:
+    x, v, group_sizes = invals
+    if isinstance(x, Adapted) or isinstance(group_sizes, Adapted) or not isinstance(v, Adapted):
+        return None
+    term = None
+    if v.has_factors:
+        term = _rules.ragged_dot(_dropped(x, v.dropout, ctx), v, group_sizes, **eqn.params)
+        if term is None:
+            return None
+    y = bind_at_use(lambda ops: _bind(eqn, ops), [x, v.base, group_sizes], 1)[0]
+    return [y if term is None else y + term.astype(y.dtype)]
+
+
 def _gather(eqn: Any, invals: list, ctx: Context) -> list | None:
     v, indices = invals
     if not isinstance(v, Adapted) or isinstance(indices, Adapted):
@@ -373,6 +386,7 @@ _RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     "broadcast_in_dim": _reshape,
     "dot_general": _dot_general,
     "gather": _gather,
+    "ragged_dot_general": _ragged_dot,
     "conv_general_dilated": _conv,
     **{name: _call for name in _INLINED_CALLS},
     "remat2": _remat,

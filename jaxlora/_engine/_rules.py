@@ -154,6 +154,45 @@ def dot_general(
     return term, broadcast_out_scale(v, v_letters, out)
 
 
+_EXPERTS = (("s", 0), ("i", 0), ("o", 0))  # (experts, in, out): one stacked axis
+
+
+def ragged_dot(
+    x: jax.Array,
+    v: Adapted,
+    group_sizes: jax.Array,
+    *,
+    ragged_dot_dimension_numbers: Any,
+    group_offset: Any = None,
+    **_: Any,
+) -> jax.Array | None:
+    """The low-rank term of a grouped matmul ``ragged_dot(x, W, group_sizes)``.
+
+    Fits mixture-of-experts layers: ``x`` is ``(tokens, in)`` sorted by expert,
+    ``W`` is ``(experts, in, out)`` with the experts as its stacked axis
+    (``stacked_axes=1``), and ``group_sizes[e]`` rows of ``x`` go to expert
+    ``e``. Each expert's factors then act on its own rows, with the same
+    grouped matmul: ``ragged_dot(ragged_dot(x, a, g), b, g)``, the
+    intermediate ``(tokens, rank)``. Other layouts return ``None``.
+    """
+    dn = ragged_dot_dimension_numbers
+    fits = (
+        v.route is None
+        and v.out_scale is None
+        and group_offset is None
+        and v.roles == _EXPERTS
+        and x.ndim == 2
+        and dn.dot_dimension_numbers == (((1,), (1,)), ((), ()))
+        and tuple(dn.lhs_ragged_dimensions) == (0,)
+        and tuple(dn.rhs_group_dimensions) == (0,)
+    )
+    if not fits:
+        return None
+    dtype = jnp.promote_types(x.dtype, v.a.dtype)
+    t = lax.ragged_dot(x.astype(dtype), v.a.astype(dtype), group_sizes)
+    return lax.ragged_dot(scaled(v, t), v.b.astype(dtype), group_sizes)
+
+
 def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     """The low-rank term of an embedding lookup ``gather(W, indices)``.
 

@@ -187,6 +187,7 @@ def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
         v,
         weight_is_lhs=weight_is_lhs,
         dimension_numbers=eqn.params["dimension_numbers"],
+        out_sharding=_rules.explicit_spec(y),
     )
     if v.out_scale is not None and out_scale is None:
         return None  # the output multiplier cannot reach a contracted output axis

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, PartitionSpec
 
 from jaxlora._engine import _routing
 from jaxlora._engine._adapted import Adapted, broadcast_out_scale, letters_for, scaled
@@ -29,6 +30,7 @@ def _low_rank_einsum(
     *,
     lead: str = "",
     weights: tuple[jax.Array, str] | None = None,
+    out_sharding: Any = None,
 ) -> jax.Array:
     """``einsum(x, Δ)`` with ``Δ`` the view's delta, contracting ``x`` with a factor first.
 
@@ -37,6 +39,9 @@ def _low_rank_einsum(
     when routed). ``x`` meets the factor with which it contracts more elements
     first, so the intermediate has a rank-sized axis. ``weights``, an array and
     its letters, multiplies that intermediate (per-example scales, slot masks).
+    ``out_sharding`` (on a mesh of ``Explicit`` axes: the use's output spec) is
+    stated on the last einsum; the rank-sized intermediate keeps the shardings
+    of the axes it takes from ``x`` and the first factor, its rank axis whole.
     """
     rank = letters_for(1, skip=x_letters + v_letters + out_letters + lead)[0]
     letters = dict(zip(v.roles, v_letters, strict=True))
@@ -56,18 +61,57 @@ def _low_rank_einsum(
     dtype = jnp.promote_types(x.dtype, v.a.dtype)
     keep = set(second[1]) | set(out_letters)
     mid = "".join(dict.fromkeys(c for c in x_letters + first[1] if c in keep))
-    t = jnp.einsum(f"{x_letters},{first[1]}->{mid}", x.astype(dtype), first[0].astype(dtype))
+    mid_sharding = None
+    if out_sharding is not None:
+        mid_sharding = _spec_for(mid, (x, x_letters), (first[0], first[1]), skip=rank)
+    t = jnp.einsum(
+        f"{x_letters},{first[1]}->{mid}",
+        x.astype(dtype),
+        first[0].astype(dtype),
+        out_sharding=mid_sharding,
+    )
     # the scale goes on the rank-sized intermediate: no pass over the activation-sized output,
     # and no scaled copy of a factor for the backward pass to keep
     t = scaled(v, t)
     if weights is not None:
         w, w_letters = weights  # its letters are among the intermediate's
-        t = jnp.einsum(f"{mid},{w_letters}->{mid}", t, w.astype(t.dtype))
+        t = jnp.einsum(f"{mid},{w_letters}->{mid}", t, w.astype(t.dtype), out_sharding=mid_sharding)
     return jnp.einsum(
         f"{mid},{second[1]}->{out_letters}",
         t,
         second[0].astype(dtype),
+        out_sharding=out_sharding,
     )
+
+
+def explicit_spec(y: jax.Array) -> Any:
+    """``y``'s partition spec when it lives on a mesh with ``Explicit`` axes, else ``None``."""
+    sharding = jax.typeof(y).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+        return None
+    return sharding.spec
+
+
+def _spec_for(letters: str, *operands: tuple[jax.Array, str], skip: str) -> PartitionSpec:
+    """A spec for an einsum output of ``letters``: each axis sharded as in the first operand
+    that has it (no mesh axis twice), ``skip`` (the rank) whole."""
+    by_letter: dict[str, Any] = {}
+    for array, names in operands:
+        spec = tuple(jax.typeof(array).sharding.spec)
+        spec = spec + (None,) * (len(names) - len(spec))
+        for c, entry in zip(names, spec, strict=True):
+            by_letter.setdefault(c, entry)
+    used: set[str] = set()
+    out = []
+    for c in letters:
+        entry = None if c == skip else by_letter.get(c)
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        if any(a in used for a in axes):
+            entry, axes = None, ()
+        used.update(axes)
+        out.append(entry)
+    return PartitionSpec(*out)
 
 
 def _routed_term(
@@ -113,7 +157,13 @@ def _routed_term(
 
 
 def dot_general(
-    x: jax.Array, v: Adapted, *, weight_is_lhs: bool, dimension_numbers: Any, **_: Any
+    x: jax.Array,
+    v: Adapted,
+    *,
+    weight_is_lhs: bool,
+    dimension_numbers: Any,
+    out_sharding: Any = None,
+    **_: Any,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The low-rank term of ``dot_general(x, W)`` (or ``dot_general(W, x)``).
 
@@ -148,7 +198,7 @@ def dot_general(
     x_letters, v_letters = "".join(xl), "".join(vl)
     if v.route is not None:
         return _routed_term(x, x_letters, v, v_letters, out)
-    term = _low_rank_einsum(x, x_letters, v, v_letters, out)
+    term = _low_rank_einsum(x, x_letters, v, v_letters, out, out_sharding=out_sharding)
     if v.out_scale is None:
         return term, None
     return term, broadcast_out_scale(v, v_letters, out)

@@ -190,6 +190,29 @@ class Layout:
         return (*self.stacked, self.n_in, self.n_out)
 
 
+_NOT_WEIGHTS = ("bias", "scale", "b", "offset")
+
+
+def layout_hint(path: str, layout: Layout) -> str:
+    """Advice for a weight whose layout leaves no room for a rank (for the error message)."""
+    leaf = path.rsplit("/", 1)[-1]
+    if leaf in _NOT_WEIGHTS:
+        module = path.rsplit("/", 1)[0] if "/" in path else path
+        return (
+            f" {path!r} looks like a bias or norm scale (leaf {leaf!r}), matched because the "
+            f"targets name its module: target the weight alone, e.g. targets='{module}/kernel'"
+            + ("; a 2-D bias means axis 0 stacks layers: pass stacked_axes=1 too." if not
+               layout.stacked and len(layout.shape) == 2 else ".")
+        )  # fmt: skip
+    if not layout.stacked and len(layout.shape) >= 3:
+        return (
+            " If its axis 0 stacks layers (nn.scan, nnx.scan) or experts, pass stacked_axes=1 "
+            "(or {regex: 1}); if it has several input axes, such as attention's output "
+            "(heads, head_dim, d_model), pass input_axes."
+        )
+    return ""
+
+
 def read_layout(
     path: str, shape: tuple[int, ...], stacked_axes: int | None, input_axes: int | None
 ) -> Layout:

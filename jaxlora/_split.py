@@ -164,6 +164,7 @@ def _make_node(
             f"rank {rank} is too large for {path!r}: its weight {tuple(weight.shape)} reads as "
             f"(in={layout.n_in}, out={layout.n_out}) and a rank must be <= min(in, out) = "
             f"{min(layout.n_in, layout.n_out)}. Lower `rank` or set rank_pattern for this path."
+            + _paths.layout_hint(path, layout)
         )
     scale = config.scale_for(path)
     a, b, new_weight = init_factors(

@@ -480,3 +480,19 @@ def test_load_peft_says_when_base_is_not_a_base(peft_file, split):
     for wrong, what in ((None, "None"), (delta, r"a tree that holds adapter nodes \(a delta\?\)")):
         with pytest.raises(TypeError, match=rf"load_peft: base is {what}; pass the frozen"):
             jaxlora.load_peft(directory, base=wrong, key_map=peft.LLAMA_KEY_MAP)
+
+
+def test_a_scanned_stack_without_stacked_axes_is_explained():
+    """The errors say what the user missed: stacked_axes, and a bias matched by its module."""
+    params = {"layers": {"up_proj": {"kernel": jnp.ones((3, 8, 16)), "bias": jnp.ones((3, 16))}}}
+    with pytest.raises(
+        ValueError, match=r"'layers/up_proj/bias' looks like a bias .* stacked_axes=1"
+    ):
+        jaxlora.split(params, jaxlora.LoraConfig(rank=4, targets="up_proj"), key=jax.random.key(0))
+    kernel = jaxlora.LoraConfig(rank=4, targets="up_proj/kernel")
+    with pytest.raises(ValueError, match=r"axis 0 stacks layers .* pass stacked_axes=1"):
+        jaxlora.split(params, kernel, key=jax.random.key(0))
+    fixed = jaxlora.LoraConfig(rank=4, targets="up_proj/kernel", stacked_axes=1)
+    _, delta = jaxlora.split(params, fixed, key=jax.random.key(0))
+    assert delta["layers"]["up_proj"]["kernel"].a.shape == (3, 8, 4)
+    assert delta["layers"]["up_proj"]["bias"] is None

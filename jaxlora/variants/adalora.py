@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora import _paths
 from jaxlora._config import check_node_matches, register_config
 from jaxlora._delta import LoraNode
 from jaxlora._node import AdapterNode, is_node
@@ -275,6 +276,7 @@ class AdaLoraConfig(TargetsConfig):
                     f"init_rank {r} is too large for {path!r}: its weight {tuple(weight.shape)} "
                     f"reads as (in={layout.n_in}, out={layout.n_out}) and a rank must be <= "
                     f"{min(layout.n_in, layout.n_out)}. Lower init_rank or exclude this path."
+                    + _paths.layout_hint(path, layout)
                 )
             key_p, key_q = jax.random.split(key)
             p = _INIT_STD * jax.random.normal(key_p, (*layout.stacked, layout.n_in, r))

@@ -204,6 +204,7 @@ def public_api(directory: str, mesh_shape: list[int]) -> dict:
                 ).values()
             )
         ),
+        "multi-tenant steps": lambda: _tenant_steps(base, delta, mesh),
         "load_peft": lambda: jaxlora.load_peft(
             os.path.join(directory, "peft"), base=base, key_map=lambda p: p
         )[0],
@@ -247,3 +248,27 @@ def _adalora_step(base, delta, config, x):
         updates, state = tx.update(grads, state, delta)
         delta = optax.apply_updates(delta, updates)
     return delta
+
+
+def _tenant_steps(base, delta, mesh):
+    """Two multi-tenant steps: each process loads its rows (and adapter ids) of the batch."""
+    from jaxlora import multi
+
+    stacked = multi.stack([delta, jax.tree.map(lambda z: z * 0.5, delta)])
+    data = NamedSharding(mesh, P("data"))
+    rows = np.random.default_rng(5).normal(size=(BATCH, D_IN)).astype(np.float32)
+    x = jaxlora.global_batch(jaxlora.process_rows(rows), data)
+    ids = jaxlora.global_batch(jaxlora.process_rows(np.arange(BATCH, dtype=np.int32) % 2), data)
+    apply = jaxlora.lora_apply(_model)
+    tx = multi.per_adapter(optax.adam(1e-2))
+
+    def loss(s, base, x, ids):
+        per_example = jnp.mean(apply(base, s, x, adapter_ids=ids) ** 2, axis=-1)
+        return multi.per_adapter_loss(per_example, ids, 2)[0]
+
+    grad = jax.jit(jax.grad(loss))
+    state = tx.init(stacked)
+    for _ in range(2):
+        updates, state = tx.update(grad(stacked, base, x, ids), state, stacked)
+        stacked = optax.apply_updates(stacked, updates)
+    return stacked

@@ -496,3 +496,10 @@ def test_a_scanned_stack_without_stacked_axes_is_explained():
     _, delta = jaxlora.split(params, fixed, key=jax.random.key(0))
     assert delta["layers"]["up_proj"]["kernel"].a.shape == (3, 8, 4)
     assert delta["layers"]["up_proj"]["bias"] is None
+
+
+def test_global_batch_and_process_rows_say_what_is_wrong():
+    with pytest.raises(TypeError, match=r"global_batch: sharding must be a jax.sharding.Sharding"):
+        jaxlora.global_batch(np.ones((8, 3)), "data")
+    with pytest.raises(ValueError, match=r"process_rows: a batch of None rows does not divide"):
+        jaxlora.process_rows(np.float32(1.0))  # no batch axis

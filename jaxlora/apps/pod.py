@@ -96,9 +96,7 @@ def _global(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def _local_rows(mesh: jax.sharding.Mesh, rows: np.ndarray) -> jax.Array:
     """The global batch from this process's rows (as a per-host data loader yields them)."""
-    n, i = jax.process_count(), jax.process_index()
-    local = rows[i * len(rows) // n : (i + 1) * len(rows) // n]
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
+    return jaxlora.global_batch(jaxlora.process_rows(rows), NamedSharding(mesh, P("data")))
 
 
 def _model(params: dict, x: jax.Array) -> jax.Array:

@@ -204,6 +204,21 @@ class LoraConfig:
         """The predicate ``(path, leaf) -> bool`` that ``targets`` and ``exclude`` define."""
         return _paths.target_predicate(self.targets, self.exclude)
 
+    def check_targets(self, path: str) -> None:
+        """Raises unless ``targets`` and ``exclude`` select ``path`` (a predicate is trusted).
+
+        ``save_adapter`` calls it, so that a stored config would make the stored
+        adapters; loading does not (a preset's definition may change between
+        versions, and the stored adapters stay what they are).
+        """
+        by_name = not callable(self.targets) and not callable(self.exclude)
+        if by_name and not self.matcher()(path, None):
+            raise ValueError(
+                f"the delta adapts {path!r}, but config's targets={self.targets!r} "
+                f"(exclude={self.exclude!r}) leave that path out: the stored config would not "
+                "make this adapter. Pass the config the delta was made with."
+            )
+
     def rank_for(self, path: str) -> int:
         """The rank used at ``path`` (``rank_pattern`` first, then ``rank``)."""
         return int(_paths.first_match(self.rank_pattern, path, self.rank))
@@ -221,23 +236,14 @@ class LoraConfig:
     def check_node(self, path: str, node: Any) -> None:
         """Raises unless ``node`` is the adapter this config makes at ``path``.
 
-        Compares the targets (unless given as a predicate, which may read the
-        weight), node type (LoRA or DoRA), rank, scale, dropout and dtype; the
+        Compares the node type (LoRA or DoRA), rank, scale and dtype; the
         checkpoint writer and reader call it so that a stored config never
         disagrees with the stored arrays.
 
         Raises:
-            ValueError: for a path the targets leave out, another node type,
-                rank, scale or dropout.
+            ValueError: for another node type, rank or scale.
             TypeError: for another dtype of ``a`` or ``b``.
         """
-        by_name = not callable(self.targets) and not callable(self.exclude)
-        if by_name and not self.matcher()(path, None):
-            raise ValueError(
-                f"the delta adapts {path!r}, but config's targets={self.targets!r} "
-                f"(exclude={self.exclude!r}) leave that path out: the stored config would not "
-                "make this adapter. Pass the config the delta was made with."
-            )
         check_node_matches(
             path,
             node,

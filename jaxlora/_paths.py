@@ -45,11 +45,15 @@ _ATTENTION_BLOCKS = (
 )
 _MLP_BLOCKS = r"(mlp|ffn|feed_forward|DenseReluDense|DenseGatedActDense|intermediate)"
 _HEAD_MODULES = r"(lm_head|classifier|head|score|output_layer|logits)"
-_CONV_MODULES = r"[^/]*((?i:conv)|patch_embed)[^/]*"  # Whisper's conv1, ViT's patch_embeddings
+# a module of this name whose kernel has 3+ axes is a convolution (Whisper's conv1, ViT's
+# patch embeddings, linen's Conv_0); ConvNeXt's 2-D pwconv1 is a linear layer
+_CONV_MODULE = re.compile(r"(^|/)[^/]*((?i:conv)|patch_embed)[^/]*/")
+_NOT_WEIGHT_MODULES = r"(?!(.*/)?[^/]*(?i:norm|bias|embed)[^/]*/[^/]+$)"  # in an attention block
 PRESETS: dict[str, str] = {
     "attention": (
         rf"(^(?!(.*/)?{_MLP_BLOCKS}/)(.*/)?{_ATTENTION_MODULES}/{_WEIGHT_NAMES}$"
-        rf"|(^|/){_ATTENTION_BLOCKS}/(.+/)?{_WEIGHT_NAMES}$)"
+        rf"|(^|/){_ATTENTION_BLOCKS}/(?!(.*/)?{_MLP_BLOCKS}/){_NOT_WEIGHT_MODULES}"
+        rf"(.+/)?{_WEIGHT_NAMES}$)"
     ),
     "mlp": (
         rf"(^(?!(.*/)?{_ATTENTION_BLOCKS}/)(.*/)?{_MLP_MODULES}/{_WEIGHT_NAMES}$"
@@ -57,7 +61,7 @@ PRESETS: dict[str, str] = {
         rf"|(^|/)(ffn|ffn_output)/{_WEIGHT_NAMES}$"  # ALBERT's MLP
         rf"|(^|/)(?<!attention/)output/dense/{_WEIGHT_NAMES}$)"  # BERT's MLP output
     ),
-    "all-linear": rf"^(?!(.*/)?{_CONV_MODULES}/)(.*/)?[^/]+/{_WEIGHT_NAMES}$",
+    "all-linear": rf"(^|/)[^/]+/{_WEIGHT_NAMES}$",
 }
 _ALL_LINEAR_EXCLUDE = rf"(^|/){_HEAD_MODULES}/"
 
@@ -128,7 +132,8 @@ def target_predicate(targets: Targets, exclude: Targets | None) -> Callable[[str
     if targets == "all-linear":
         head = re.compile(_ALL_LINEAR_EXCLUDE)
         base_include = include
-        include = lambda p, x: base_include(p, x) and not head.search(p)
+        conv = lambda p, x: _CONV_MODULE.search(p) is not None and getattr(x, "ndim", 0) >= 3
+        include = lambda p, x: base_include(p, x) and not head.search(p) and not conv(p, x)
     if exclude is None:
         return include
     excluded = _predicate(exclude, "exclude")

@@ -503,3 +503,13 @@ def test_global_batch_and_process_rows_say_what_is_wrong():
         jaxlora.global_batch(np.ones((8, 3)), "data")
     with pytest.raises(ValueError, match=r"process_rows: a batch of None rows does not divide"):
         jaxlora.process_rows(np.float32(1.0))  # no batch axis
+
+
+def test_load_keeps_adapters_whose_stored_targets_no_longer_select_them(tmp_path, split):
+    """A preset's definition may change between versions: the stored adapters stay valid."""
+    _, config, _, delta = split
+    path = jaxlora.save_adapter(tmp_path / "a", delta, config=config)
+    _edit_json(path, lambda m: m["config"]["fields"].update(targets="another_preset_name"))
+    restored, restored_config = jaxlora.load_adapter(path)
+    assert restored_config.targets == "another_preset_name"
+    np.testing.assert_array_equal(restored["dense"]["kernel"].a, delta["dense"]["kernel"].a)

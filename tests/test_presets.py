@@ -132,6 +132,24 @@ def test_the_issues_examples():
     assert attention("h/0/self_attention/dense/kernel", w)
     assert attention("albert_layers/0/attention/dense/kernel", w)
     assert mlp("albert_layers/0/ffn/kernel", w) and mlp("albert_layers/0/ffn_output/kernel", w)
-    assert not linear("encoder/conv1/kernel", w) and not linear("Conv_0/kernel", w)
-    assert not linear("embeddings/patch_embeddings/projection/kernel", w)
+    conv1d, conv2d = (jax.ShapeDtypeStruct((3,) * n, jnp.float32) for n in (3, 4))
+    assert not linear("encoder/conv1/kernel", conv1d) and not linear("Conv_0/kernel", conv2d)
+    assert not linear("embeddings/patch_embeddings/projection/kernel", conv2d)
     assert linear("Dense_0/kernel", w) and not linear("lm_head/kernel", w)
+    # 2-D layers whose names merely contain "conv" are linear (ConvNeXt's pointwise layers)
+    assert linear("convnext/stages/0/layers/0/pwconv1/weight", w)
+    assert linear("model/convex_proj/kernel", w)
+
+
+def test_attention_blocks_do_not_claim_norms_biases_or_nested_mlps():
+    attention, mlp = (_paths.target_predicate(p, None) for p in ("attention", "mlp"))
+    w = jax.ShapeDtypeStruct((4, 4), jnp.float32)
+    not_weights = (
+        "block/0/layer/0/SelfAttention/relative_attention_bias/weight",
+        "layers/self_attn/q_norm/weight",
+        "layers/self_attn/layer_norm/weight",
+    )
+    for path in not_weights:
+        assert not attention(path, w), path
+    nested = "perceiver/cross_attention/mlp/dense1/weight"
+    assert mlp(nested, w) and not attention(nested, w)

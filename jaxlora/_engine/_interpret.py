@@ -199,13 +199,13 @@ def _ragged_dot(eqn: Any, invals: list, ctx: Context) -> list | None:
     x, v, group_sizes = invals
     if isinstance(x, Adapted) or isinstance(group_sizes, Adapted) or not isinstance(v, Adapted):
         return None
-    term = None
-    if v.has_factors:
-        term = _rules.ragged_dot(_dropped(x, v.dropout, ctx), v, group_sizes, **eqn.params)
-        if term is None:
-            return None
     y = bind_at_use(lambda ops: _bind(eqn, ops), [x, v.base, group_sizes], 1)[0]
-    return [y if term is None else y + term.astype(y.dtype)]
+    if not v.has_factors:
+        return [y]
+    params = {k: p for k, p in eqn.params.items() if k != "out_sharding"}
+    x = _dropped(x, v.dropout, ctx)
+    term = _rules.ragged_dot(x, v, group_sizes, explicit_out=_rules.explicit_spec(y), **params)
+    return None if term is None else [y + term.astype(y.dtype)]
 
 
 def _gather(eqn: Any, invals: list, ctx: Context) -> list | None:

@@ -214,6 +214,7 @@ def ragged_dot(
     *,
     ragged_dot_dimension_numbers: Any,
     group_offset: Any = None,
+    explicit_out: Any = None,
     **_: Any,
 ) -> jax.Array | None:
     """The low-rank term of a grouped matmul ``ragged_dot(x, W, group_sizes)``.
@@ -223,7 +224,9 @@ def ragged_dot(
     (``stacked_axes=1``), and ``group_sizes[e]`` rows of ``x`` go to expert
     ``e``. Each expert's factors then act on its own rows, with the same
     grouped matmul: ``ragged_dot(ragged_dot(x, a, g), b, g)``, the
-    intermediate ``(tokens, rank)``. Other layouts return ``None``.
+    intermediate ``(tokens, rank)``. Other layouts return ``None``. On an
+    ``Explicit`` mesh, ``explicit_out`` is the use's output spec; the
+    intermediate keeps the tokens' sharding.
     """
     dn = ragged_dot_dimension_numbers
     fits = (
@@ -239,8 +242,9 @@ def ragged_dot(
     if not fits:
         return None
     dtype = jnp.promote_types(x.dtype, v.a.dtype)
-    t = lax.ragged_dot(x.astype(dtype), v.a.astype(dtype), group_sizes)
-    return lax.ragged_dot(scaled(v, t), v.b.astype(dtype), group_sizes)
+    mid = None if explicit_out is None else _spec_for("tr", (x, "ti"), skip="r")
+    t = lax.ragged_dot(x.astype(dtype), v.a.astype(dtype), group_sizes, out_sharding=mid)
+    return lax.ragged_dot(scaled(v, t), v.b.astype(dtype), group_sizes, out_sharding=explicit_out)
 
 
 def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:

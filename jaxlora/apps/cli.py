@@ -25,7 +25,7 @@ SUBCOMMANDS = {
     ),
     "pod-demo": (
         "jaxlora.apps.pod",
-        None,
+        "demo",
         "one LoRA training run on 1 or N local processes joined by jax.distributed",
     ),
     "plan": (

@@ -65,3 +65,7 @@ class TargetsConfig:
     def layout_for(self, path: str, shape: tuple[int, ...]) -> _paths.Layout:
         """Reads the weight at ``path`` as ``stacked + inputs + outputs`` axes."""
         return self._as_lora().layout_for(path, shape)
+
+    def check_targets(self, path: str) -> None:
+        """Raises unless ``targets`` and ``exclude`` select ``path``, as LoraConfig's."""
+        self._as_lora().check_targets(path)

@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlora._delta import LoraNode
 from jaxlora._node import AdapterNode, Constant
@@ -158,7 +159,8 @@ class DoraNode(AdapterNode, kind="dora"):
     def with_base(self, weight: Any) -> DoraNode:
         """This node with ``base_norm`` read from ``weight`` if it has none (and ``weight``
         is concrete): what a node split under ``jax.jit`` needs to unmerge."""
-        if self.base_norm is not None or not isinstance(weight, jax.Array | QuantizedArray):
+        concrete = jax.Array | np.ndarray | QuantizedArray
+        if self.base_norm is not None or not isinstance(weight, concrete):
             return self
         if isinstance(weight, QuantizedArray):
             weight = weight.dequantize(jnp.float32)

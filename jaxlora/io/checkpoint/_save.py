@@ -148,6 +148,8 @@ def _entries(
             )
         node.check_shapes(path)
         _codec.check_node(config, path, node)  # load_adapter repeats it
+        if callable(getattr(config, "check_targets", None)):
+            config.check_targets(path)
         key = str(len(entries))
         stored: dict[str, Any] = {}
         arrays[key] = {}

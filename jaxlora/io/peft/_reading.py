@@ -162,7 +162,7 @@ def float_tensor(key: str, tensor: np.ndarray, file: Any) -> np.ndarray:
             f"{file} holds {key!r} of dtype {tensor.dtype}; adapter tensors are floating point. "
             "The file is damaged or was not written by PEFT"
         )
-    finite = np.isfinite(tensor.astype(np.float32))
+    finite = np.isfinite(tensor.astype(np.float64))
     if not finite.all():
         raise ValueError(
             f"{file} holds {key!r} with {int(finite.size - finite.sum())} non-finite values "

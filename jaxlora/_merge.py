@@ -89,7 +89,7 @@ def _apply_delta(base: Any, delta: Any, *, sign: float, requantize: bool = False
         if node is None:
             if quantized and not requantize:
                 return _paths.rebox(leaf, weight.dequantize())
-            return leaf
+            return _paths.rebox(leaf, weight)  # a fresh box at the current trace level (NNX)
         _check_weight(_paths.path_str(path), node, weight)
         dense = weight.dequantize(jnp.float32) if quantized else weight.astype(jnp.float32)
         merged = node.merge_into(dense) if sign > 0 else node.unmerge_from(dense)

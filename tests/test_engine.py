@@ -427,3 +427,49 @@ def test_new_delta_values_do_not_recompile(key):
         other = jax.tree.map(lambda a, i=i: a * (i + 2), other)  # other values, same structure
         f(base, other, x)
     assert f._cache_size() == 1
+
+
+class _ScannedBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.linear(x))
+
+
+class _ScannedModel(nnx.Module):
+    """Blocks made with nnx.vmap and run with nnx.scan, as the Flax NNX docs show."""
+
+    def __init__(self):
+        make = nnx.vmap(lambda key: _ScannedBlock(nnx.Rngs(key)), in_axes=0, out_axes=0)
+        self.blocks = make(jax.random.split(jax.random.key(0), 3))
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, block):
+            return block(x)
+
+        return body(x, self.blocks)
+
+
+def test_an_nnx_scan_of_the_merged_module_runs_at_each_use():
+    """nnx.scan refuses Variables made at another trace level; the engine makes fresh ones."""
+    graphdef, state = nnx.split(_ScannedModel())
+    apply = lambda s, x: nnx.merge(graphdef, s)(x)
+    config = jaxlora.LoraConfig(rank=2, targets="kernel", stacked_axes=1)
+    base, delta = jaxlora.split(state, config, key=jax.random.key(1))
+    delta = jax.tree.map(lambda z: z + 0.1, delta)
+    x = jnp.ones((2, 8))
+    f = jaxlora.lora_apply(apply, strict=True)
+    np.testing.assert_allclose(
+        jax.jit(f)(base, delta, x), apply(jaxlora.merge(base, delta), x), rtol=1e-5, atol=1e-6
+    )
+    loss = lambda strategy: (
+        lambda d: jnp.sum(jaxlora.lora_apply(apply, strategy=strategy)(base, d, x))
+    )
+    for got, want in zip(
+        jax.tree.leaves(jax.grad(loss("use-site"))(delta)),
+        jax.tree.leaves(jax.grad(loss("merge"))(delta)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -67,7 +67,9 @@ def use_site_call(
     weights = [_paths.unbox(flat[i][1]) for i in adapted]
 
     def traced(*weight_values: Any) -> Any:
-        slots = [leaf for _, leaf in flat]
+        # fresh boxes inside the trace: NNX refuses Variables made at another trace level
+        # (an nnx.scan of the merged module), as jax.jit's own unflattening would avoid
+        slots = [_paths.rebox(leaf, _paths.unbox(leaf)) for _, leaf in flat]
         for i, value in zip(adapted, weight_values, strict=True):
             slots[i] = _paths.rebox(slots[i], value)
         return fn(treedef.unflatten(slots), *args, **kwargs)

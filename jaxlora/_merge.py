@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora import _paths
+from jaxlora._checks import describe
 from jaxlora._config import check_bool
 from jaxlora._node import AdapterNode, is_delta_leaf, is_node
 from jaxlora.quant import QuantizedArray, quantize_array
@@ -179,15 +180,9 @@ def check_structure(base: Any, delta: Any) -> None:
 
 def _check_weight(path: str, node: AdapterNode, weight: Any) -> None:
     if not hasattr(weight, "shape") or tuple(weight.shape) != node.layout.shape:
-        found = tuple(weight.shape) if hasattr(weight, "shape") else _describe(weight)
+        found = tuple(weight.shape) if hasattr(weight, "shape") else describe(weight)
         raise ValueError(
             f"the adapter at {path!r} was made for a weight of shape {node.layout.shape}, "
             f"but the base holds {found}. Pass the base that jaxlora.split returned with this "
             "delta."
         )
-
-
-def _describe(x: Any) -> str:
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return f"a {type(x).__name__} ({x!r:.40})"

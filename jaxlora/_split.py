@@ -11,7 +11,7 @@ from typing import Any
 import jax
 
 from jaxlora import _paths
-from jaxlora._checks import check_key
+from jaxlora._checks import check_key, describe
 from jaxlora._config import LoraConfig
 from jaxlora._delta import LoraNode, init_factors
 from jaxlora._node import AdapterNode, is_node, node_type
@@ -87,7 +87,7 @@ def split(params: Any, config: Any, *, key: jax.Array) -> tuple[Any, Any]:
             continue
         if not _adaptable(value):
             raise TypeError(
-                f"targets matched {path!r}, which is {_describe(value)}; only floating-point "
+                f"targets matched {path!r}, which is {describe(value)}; only floating-point "
                 "arrays with at least two axes can be adapted. Narrow `targets` or add this "
                 "path to `exclude`."
             )
@@ -184,9 +184,3 @@ def _is_array(x: Any) -> bool:
 
 def _adaptable(x: Any) -> bool:
     return _paths.is_float_array(x) and x.ndim >= 2
-
-
-def _describe(x: Any) -> str:
-    if _is_array(x):
-        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return f"a {type(x).__name__} ({x!r:.40})"

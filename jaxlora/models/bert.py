@@ -281,6 +281,20 @@ class BertModel(nn.Module):
         return _Encoder(c, name="encoder")(x, attention_mask.astype(bool))
 
 
+def abstract_params(config: BertConfig) -> dict:
+    """The encoder's parameter tree as ``jax.ShapeDtypeStruct`` s: shapes only, nothing allocated.
+
+    Example:
+        >>> from jaxlora.models.bert import BertConfig, abstract_params
+        >>> config = BertConfig(vocab_size=50, hidden_size=8, num_layers=1, num_heads=2,
+        ...                     intermediate_size=16, max_position=16)
+        >>> abstract_params(config)["encoder"]["layer_0"]["intermediate"]["dense"]["kernel"].shape
+        (8, 16)
+    """
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: BertModel(config).init(jax.random.key(0), dummy, dummy)["params"])
+
+
 def mean_pool(hidden: jax.typing.ArrayLike, mask: jax.typing.ArrayLike) -> jax.Array:
     """Averages hidden states over real tokens, as sentence-transformers pools.
 

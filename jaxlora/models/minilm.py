@@ -22,7 +22,7 @@ import safetensors.numpy
 import tokenizers
 
 from jaxlora.models._files import package_dir
-from jaxlora.models.bert import BertConfig, BertModel
+from jaxlora.models.bert import BertConfig, abstract_params
 
 __all__ = [
     "MINILM_SHA256",
@@ -83,10 +83,7 @@ def convert_hf_state_dict(
         >>> tensors["encoder.layer.0.intermediate.dense.weight"].shape
         (16, 8)
     """
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(
-        lambda: BertModel(config).init(jax.random.key(0), dummy, dummy)["params"]
-    )
+    abstract = abstract_params(config)
     used: set[str] = set()
 
     def convert(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.Array:
@@ -144,10 +141,7 @@ def hf_state_dict_example(config: BertConfig, *, seed: int = 0) -> dict[str, np.
         >>> len(tensors)
         39
     """
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(
-        lambda: BertModel(config).init(jax.random.key(0), dummy, dummy)["params"]
-    )
+    abstract = abstract_params(config)
     rng = np.random.default_rng(seed)
     tensors: dict[str, np.ndarray] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:

@@ -33,6 +33,7 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxlora import _paths
+from jaxlora._checks import describe
 from jaxlora._node import is_node
 from jaxlora.quant import _formats
 from jaxlora.quant._array import QuantizedArray, is_quantized, result_dtype
@@ -215,7 +216,7 @@ def quantize(
             continue
         if not _paths.is_float_array(value):
             raise TypeError(
-                f"targets={targets!r} matched {path!r}, which is {_describe(value)}; only "
+                f"targets={targets!r} matched {path!r}, which is {describe(value)}; only "
                 "floating-point arrays can be quantized. Narrow `targets` so that it "
                 "leaves this path out."
             )
@@ -289,12 +290,6 @@ def dequantize(tree: Any, dtype: DTypeLike | None = None) -> Any:
 
 def _is_leaf(x: Any) -> bool:
     return _paths.is_box(x) or is_quantized(x)
-
-
-def _describe(x: Any) -> str:
-    if hasattr(x, "dtype") and hasattr(x, "shape"):
-        return f"an array of dtype {x.dtype} and shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"
 
 
 def _check_nonfinite_option(nonfinite: Any) -> None:

@@ -127,8 +127,6 @@ class DoraNode(AdapterNode, kind="dora"):
         Returns:
             A :class:`DoraNode` that leaves the model unchanged.
         """
-        if isinstance(weight, QuantizedArray):
-            weight = weight.dequantize(jnp.float32)
         w = _matrix(weight, node.layout)
         merged = w + _delta_matrix(node.a, node.b, node.scale)
         return cls(
@@ -162,8 +160,6 @@ class DoraNode(AdapterNode, kind="dora"):
         concrete = jax.Array | np.ndarray | QuantizedArray
         if self.base_norm is not None or not isinstance(weight, concrete):
             return self
-        if isinstance(weight, QuantizedArray):
-            weight = weight.dequantize(jnp.float32)
         norm = Constant.of(_column_norm(_matrix(weight, self.layout)))
         return self if norm is None else dataclasses.replace(self, base_norm=norm)
 
@@ -230,7 +226,9 @@ class DoraNode(AdapterNode, kind="dora"):
 
 
 def _matrix(weight: Any, layout: Layout) -> jax.Array:
-    """The weight as float32 ``(*stacked, n_in, n_out)`` matrices."""
+    """The weight (dequantized if quantized) as float32 ``(*stacked, n_in, n_out)`` matrices."""
+    if isinstance(weight, QuantizedArray):
+        weight = weight.dequantize(jnp.float32)
     return jnp.asarray(weight).astype(jnp.float32).reshape(layout.matrix_shape)
 
 

@@ -29,7 +29,7 @@ from jaxlora.apps.demo._training import (
     predict,
     steps_per_epoch,
 )
-from jaxlora.models.bert import BertClassifier, BertConfig, BertModel, mean_pool
+from jaxlora.models.bert import BertClassifier, BertConfig, BertModel, abstract_params, mean_pool
 from jaxlora.models.minilm import load_minilm, load_tokenizer
 
 __all__ = ["DEFAULTS", "QUANT_FORMATS", "QUICK", "VARIANTS", "add_arguments", "run", "run_on"]
@@ -173,10 +173,7 @@ def _prepare(args: argparse.Namespace) -> tuple[dict[str, Any], jaxlora.LoraConf
         use_dora=args.variant == "dora",
     )
     # the encoder's shapes only (no weights, no data): targets that miss it fail here
-    dummy = jnp.zeros((1, 1), jnp.int32)
-    encoder = jax.eval_shape(
-        lambda: BertModel(BertConfig.minilm_l6()).init(jax.random.key(0), dummy, dummy)["params"]
-    )
+    encoder = abstract_params(BertConfig.minilm_l6())
     jax.eval_shape(lambda p: jaxlora.split(p, config, key=jax.random.key(0)), encoder)
     return s, config
 

@@ -49,6 +49,7 @@ def use_site_call(
     dropout_key: jax.Array | None,
     adapter_ids: jax.Array | None = None,
     routing: str = "auto",
+    forward_mode: bool = False,
 ) -> Any:
     """``fn(merge(base, delta), *args, **kwargs)``, computed at each weight's use.
 
@@ -56,7 +57,8 @@ def use_site_call(
     counting as leaves), its ``LoraNode`` or ``None``. Quantized base weights,
     adapted or not, are dequantized at each use. With ``adapter_ids`` (stacked
     nodes), example ``i`` uses adapter ``adapter_ids[i]``, computed the
-    ``routing`` way (see ``_routing``).
+    ``routing`` way (see ``_routing``). ``forward_mode``: no custom VJP
+    (``_backward``), so that forward-mode derivatives work.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(base, is_leaf=_paths.is_box)
     adapted = [
@@ -83,7 +85,7 @@ def use_site_call(
         else from_node(w, nodes[i], _paths.path_str(flat[i][0]), adapter_ids, routing)
         for i, w in zip(adapted, weights, strict=True)
     ]
-    ctx = Context(strict=strict, warned=warned, dropout_key=dropout_key)
+    ctx = Context(strict=strict, warned=warned, dropout_key=dropout_key, forward_mode=forward_mode)
     out = evaluate(closed.jaxpr, closed.consts, inputs, ctx)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 

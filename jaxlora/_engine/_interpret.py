@@ -42,11 +42,13 @@ _INLINED_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", 
 
 @dataclasses.dataclass
 class Context:
-    """What one evaluation needs beyond the values: fallback policy and dropout keys."""
+    """What one evaluation needs beyond the values: fallback policy, dropout keys, and whether
+    derivatives must allow forward mode (then no ``custom_vjp``: see ``_backward``)."""
 
     strict: bool
     warned: set[tuple[str, str]]
     dropout_key: jax.Array | None = None
+    forward_mode: bool = False
     sites: int = 0
 
     def next_key(self) -> jax.Array | None:
@@ -56,8 +58,8 @@ class Context:
             return None
         return jax.random.fold_in(self.dropout_key, self.sites)
 
-    def child(self, key: jax.Array | None) -> Context:
-        return Context(self.strict, self.warned, key)
+    def child(self, key: jax.Array | None, *, forward_mode: bool = False) -> Context:
+        return Context(self.strict, self.warned, key, self.forward_mode or forward_mode)
 
     def fallback(self, primitive: str, v: Adapted) -> jax.Array:
         if not v.has_factors:  # a quantized weight without adapter: dequantize it here
@@ -188,6 +190,7 @@ def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
         weight_is_lhs=weight_is_lhs,
         dimension_numbers=eqn.params["dimension_numbers"],
         out_sharding=_rules.explicit_spec(y),
+        custom_backward=not ctx.forward_mode,
     )
     if v.out_scale is not None and out_scale is None:
         return None  # the output multiplier cannot reach a contracted output axis
@@ -362,8 +365,9 @@ def _while(eqn: Any, invals: list, ctx: Context) -> list | None:
     def body_fun(state: tuple) -> tuple:
         i, carry = state
         key_i = None if key is None else jax.random.fold_in(key, i)
-        out = evaluate(body.jaxpr, body.consts, [*body_consts, *carry], ctx.child(key_i))
-        return i + 1, out
+        # JAX differentiates a while loop in forward mode only: no custom_vjp in its body
+        body_ctx = ctx.child(key_i, forward_mode=True)
+        return i + 1, evaluate(body.jaxpr, body.consts, [*body_consts, *carry], body_ctx)
 
     _, out = lax.while_loop(cond_fun, body_fun, (jnp.int32(0), init))
     return list(out)

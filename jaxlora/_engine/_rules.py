@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec
 
-from jaxlora._engine import _routing
+from jaxlora._engine import _backward, _routing
 from jaxlora._engine._adapted import Adapted, broadcast_out_scale, letters_for, scaled
 
 
@@ -31,6 +31,7 @@ def _low_rank_einsum(
     lead: str = "",
     weights: tuple[jax.Array, str] | None = None,
     out_sharding: Any = None,
+    custom_backward: bool = False,
 ) -> jax.Array:
     """``einsum(x, Δ)`` with ``Δ`` the view's delta, contracting ``x`` with a factor first.
 
@@ -42,6 +43,8 @@ def _low_rank_einsum(
     ``out_sharding`` (on a mesh of ``Explicit`` axes: the use's output spec) is
     stated on the last einsum; the rank-sized intermediate keeps the shardings
     of the axes it takes from ``x`` and the first factor, its rank axis whole.
+    ``custom_backward`` (without ``weights`` or ``out_sharding``) computes the
+    same with the backward pass of ``_backward``.
     """
     rank = letters_for(1, skip=x_letters + v_letters + out_letters + lead)[0]
     letters = dict(zip(v.roles, v_letters, strict=True))
@@ -61,6 +64,14 @@ def _low_rank_einsum(
     dtype = jnp.promote_types(x.dtype, v.a.dtype)
     keep = set(second[1]) | set(out_letters)
     mid = "".join(dict.fromkeys(c for c in x_letters + first[1] if c in keep))
+    # (a batch axis shared with the factors, as in an expert einsum, keeps JAX's derivative:
+    # XLA:CPU 0.10 aborts on some batched layouts of the custom one)
+    batched = set(x_letters) & set(out_letters) & (set(sa) | set(sb))
+    if custom_backward and weights is None and out_sharding is None and not batched:
+        f = _backward.low_rank(
+            x_letters, first[1], mid, second[1], out_letters, functools.partial(scaled, v)
+        )
+        return f(x.astype(dtype), first[0].astype(dtype), second[0].astype(dtype))
     mid_sharding = None
     if out_sharding is not None:
         mid_sharding = _spec_for(mid, (x, x_letters), (first[0], first[1]), skip=rank)
@@ -163,6 +174,7 @@ def dot_general(
     weight_is_lhs: bool,
     dimension_numbers: Any,
     out_sharding: Any = None,
+    custom_backward: bool = False,
     **_: Any,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The low-rank term of ``dot_general(x, W)`` (or ``dot_general(W, x)``).
@@ -198,7 +210,9 @@ def dot_general(
     x_letters, v_letters = "".join(xl), "".join(vl)
     if v.route is not None:
         return _routed_term(x, x_letters, v, v_letters, out)
-    term = _low_rank_einsum(x, x_letters, v, v_letters, out, out_sharding=out_sharding)
+    term = _low_rank_einsum(
+        x, x_letters, v, v_letters, out, out_sharding=out_sharding, custom_backward=custom_backward
+    )
     if v.out_scale is None:
         return term, None
     return term, broadcast_out_scale(v, v_letters, out)

@@ -201,6 +201,25 @@ def fill_delta(delta: Any, adapters: dict) -> Any:
     return jax.tree_util.tree_map_with_path(fill, delta, is_leaf=_is_node)
 
 
+def shared_adapters(cfg: LlamaConfig, params: Any) -> dict:
+    """One set of adapters for every method: jaxlora's kaiming ``a``, a small random ``b``.
+
+    Keyed by ``(layer, projection)``, as :func:`fill_delta` reads them.
+    """
+    lcfg = jaxlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, init="kaiming")
+    _, delta = jaxlora.split(params, lcfg, key=jax.random.key(2))
+    adapters = {}
+    nodes = jax.tree_util.tree_flatten_with_path(delta, is_leaf=_is_node)[0]
+    for n, (path, node) in enumerate(nodes):
+        b = 0.01 * jax.random.normal(jax.random.key(100 + n), node.b.shape, node.b.dtype)
+        adapters[_site(jax.tree_util.keystr(path, simple=True, separator="/"))] = (
+            np.asarray(node.a),
+            np.asarray(b),
+        )
+    assert len(adapters) == cfg.n_layers * len(PROJ)
+    return adapters
+
+
 def _size(tree: Any) -> int:
     return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
 
@@ -647,18 +666,7 @@ def main() -> None:
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, cfg.vocab_size)
     params = jax.jit(Llama(cfg).init)(key, tokens[:, :8])["params"]
 
-    # One set of adapters for everyone: jaxlora's kaiming a, a small random b.
-    lcfg = jaxlora.LoraConfig(rank=RANK, alpha=ALPHA, targets=TARGETS, init="kaiming")
-    _, delta = jaxlora.split(params, lcfg, key=jax.random.key(2))
-    adapters = {}
-    nodes = jax.tree_util.tree_flatten_with_path(delta, is_leaf=_is_node)[0]
-    for n, (path, node) in enumerate(nodes):
-        b = 0.01 * jax.random.normal(jax.random.key(100 + n), node.b.shape, node.b.dtype)
-        adapters[_site(jax.tree_util.keystr(path, simple=True, separator="/"))] = (
-            np.asarray(node.a),
-            np.asarray(b),
-        )
-    assert len(adapters) == cfg.n_layers * len(PROJ)
+    adapters = shared_adapters(cfg, params)
 
     methods: list[Any] = build_jax_methods(
         cfg, params, tokens, adapters, key, qlora=not args.no_qlora, qwix=has_qwix

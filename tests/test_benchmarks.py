@@ -44,6 +44,7 @@ BENCHMARKS = sorted(
 # For a benchmark listed here: the column names of each of its tables' header lines (each tuple must
 # stand on one line of stdout) and the label of one of its progress bars (on stderr).
 TABLES: dict[str, tuple[list[tuple[str, ...]], str]] = {
+    "gpu": ([("method", "step / jaxlora", "tokens/s", "planned peak")], "train steps"),
     "memory": (
         [("model", "remat", "targets", "full GiB", "merge", "use-site", "floor", "use/floor")],
         "memory plans",
@@ -74,7 +75,7 @@ TABLES: dict[str, tuple[list[tuple[str, ...]], str]] = {
         [("format", "dq", "MSE", "MSE/nf4", "max |err|", "bytes/param", "quant ms")],
         "formats",
     ),
-    "speed": ([("measure", "ms", "ratio", "bar")], "train steps"),
+    "speed": ([("measure", "ratio", "bar")], "MiniLM train steps"),
     "variants": (
         [("variant", "trainable", "% model", "lr", "accuracy", "loss", "step/LoRA")],
         "pretrain",

@@ -1,6 +1,7 @@
 """Tests for jaxlora.apps.demo: the quick end-to-end run, bucketing, metrics, progress bars."""
 
 import argparse
+import re
 
 import jax
 import numpy as np
@@ -35,6 +36,8 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         "adapted weights",
         "planned training memory",
         "full fine-tuning needs",
+        "-- step time (one AdamW step",
+        "x full fine-tuning's step",
         "-- 1. baseline",
         "-- 2. LoRA",
         "merged vs adapted:",
@@ -43,6 +46,10 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
         "== summary ==",
     ):
         assert section in out, f"{section!r} missing from:\n{out}"
+    summary = out[out.index("== summary ==") :]
+    # LoRA's step time beside full fine-tuning's, measured even without --full
+    assert re.search(r"\nLoRA .* \d+ ms .*MiB", summary), summary
+    assert re.search(r"\nfull fine-tuning .* -- .* \d+ ms .*MiB", summary), summary
     assert "LoRA train" in err and "encode test" in err  # the progress bars
     assert (tmp_path / "classifier.safetensors").is_file()
     assert any(p.is_file() for p in (tmp_path / "adapter").rglob("*"))

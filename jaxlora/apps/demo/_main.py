@@ -20,7 +20,7 @@ import safetensors.numpy
 import jaxlora
 from jaxlora.apps.data import load_rotten_tomatoes
 from jaxlora.apps.demo._batches import accuracy, bucket_lengths, encode
-from jaxlora.apps.demo._plans import memory_plan
+from jaxlora.apps.demo._plans import memory_plan, step_times
 from jaxlora.apps.demo._training import (
     adamw,
     fit,
@@ -270,6 +270,15 @@ def run_on(
         "backward pass, which grow with batch x tokens"
     )
 
+    _print("\n-- step time (one AdamW step at that shape, full and LoRA timed side by side) --")
+    t = time.perf_counter()
+    step = step_times(classify, base, delta, encoder, head_shapes, s, rounds=1 if args.quick else 5)
+    _print(
+        f"full fine-tuning {step['full fine-tuning'] * 1e3:.0f} ms, LoRA {step['LoRA'] * 1e3:.0f} "
+        f"ms: LoRA takes {step['LoRA'] / step['full fine-tuning']:.2f}x full fine-tuning's step "
+        f"(median of {1 if args.quick else 5}; measured in {time.perf_counter() - t:.0f} s)"
+    )
+
     results: list[tuple[str, int, float, float]] = []  # (method, trainable, accuracy, seconds)
 
     _print("\n-- 1. baseline: frozen encoder, trained classifier head --")
@@ -387,10 +396,21 @@ def run_on(
         _print(f"test accuracy {full_accuracy:.2%}  ({results[-1][3]:.0f} s)")
 
     _print("\n== summary ==")
-    _print(f"{'method':18}{'trainable':>13}{'test acc':>10}{'time':>8}{'planned memory':>16}")
+    _print(
+        f"{'method':18}{'trainable':>13}{'test acc':>10}{'time':>8}{'step':>9}"
+        f"{'planned memory':>16}"
+    )
+    if not args.full:  # its step is timed and planned all the same
+        full_trainable = count.total - count.trainable + head_size
+        results.append(("full fine-tuning", full_trainable, float("nan"), float("nan")))
     for method, trainable, acc, seconds in results:
         memory = _mib(plan[method].peak) if method in plan else ""
-        _print(f"{method:18}{trainable:>13,}{acc:>10.2%}{seconds:>7.0f}s{memory:>16}")
+        ms = f"{step[method] * 1e3:.0f} ms" if method in step else ""
+        acc_s = "--" if math.isnan(acc) else f"{acc:.2%}"
+        sec_s = "--" if math.isnan(seconds) else f"{seconds:.0f}s"
+        _print(f"{method:18}{trainable:>13,}{acc_s:>10}{sec_s:>8}{ms:>9}{memory:>16}")
+    if not args.full:
+        _print("(full fine-tuning: step time and memory only; --full trains it)")
     _print(f"total time {time.perf_counter() - t_start:.0f} s")
     if not merged_ok:
         _print("FAILED: the merged model does not match the adapted one")

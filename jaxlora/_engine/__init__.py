@@ -6,10 +6,12 @@ are ``Adapted`` values (``_adapted``): views of the frozen weight that carry
 their low-rank factors. Where a weight meets ``dot_general``, ``gather`` or
 ``conv_general_dilated``, a rule (``_rules``) emits ``op(x, W) + s·op(x, a⊗b)``
 with ``x`` contracted against a factor first, so the merged weight is never
-built. Higher-order primitives (``jit``, ``scan``, ``while``, ``cond``,
-``remat``, custom derivatives) are re-emitted around an interpreted body, so
-``nn.scan``-stacked adapters are sliced per layer with their weights and remat
-policies are kept. Any other use merges the weight at that use only.
+built; its gradient is a custom VJP (``_backward``) whose factor gradients
+XLA runs without transposing activations. Higher-order primitives (``jit``,
+``scan``, ``while``, ``cond``, ``remat``, custom derivatives) are re-emitted
+around an interpreted body, so ``nn.scan``-stacked adapters are sliced per
+layer with their weights and remat policies are kept. Any other use merges
+the weight at that use only.
 
 Why our own interpreter rather than quax: quax (a maintained library for
 array-like pytrees that override primitives) would give us the dispatch, but

@@ -33,29 +33,33 @@ def low_rank(
     mid: str,
     second_letters: str,
     out: str,
-    scale: Callable[[jax.Array], jax.Array],
+    scale: float,
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """``f(x, first, second) = einsum(scale(einsum(x, first → mid)), second → out)``.
+    """``f(x, first, second) = einsum(scale · einsum(x, first → mid), second → out)``.
 
-    The letters are einsum subscripts; ``scale`` is linear (the adapter's
-    static scale). ``f`` has the custom backward pass described above; its
-    operands share one dtype.
+    The letters are einsum subscripts; ``scale`` is the adapter's static
+    scale. ``f`` has the custom backward pass described above; its operands
+    share one dtype.
     """
+
+    def scaled(t: jax.Array) -> jax.Array:
+        return t if scale == 1.0 else t * jnp.asarray(scale, t.dtype)
+
     spec1 = f"{x_letters},{first_letters}->{mid}"
     spec2 = f"{mid},{second_letters}->{out}"
 
     def forward(x: jax.Array, first: jax.Array, second: jax.Array) -> jax.Array:
-        return jnp.einsum(spec2, scale(jnp.einsum(spec1, x, first)), second)
+        return jnp.einsum(spec2, scaled(jnp.einsum(spec1, x, first)), second)
 
     def fwd(x: jax.Array, first: jax.Array, second: jax.Array) -> tuple[jax.Array, tuple]:
-        t = scale(jnp.einsum(spec1, x, first))
+        t = scaled(jnp.einsum(spec1, x, first))
         return jnp.einsum(spec2, t, second), (x, first, second, t)
 
     def bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         x, first, second, t = res
         g = g.astype(t.dtype)
         d_second = _row_major(t, mid, g, out, second_letters)
-        d_t = scale(jnp.einsum(f"{out},{second_letters}->{mid}", g, second))
+        d_t = scaled(jnp.einsum(f"{out},{second_letters}->{mid}", g, second))
         d_first = _row_major(d_t, mid, x, x_letters, first_letters)
         d_x = jnp.einsum(f"{mid},{first_letters}->{x_letters}", d_t, first)
         return d_x, d_first, d_second

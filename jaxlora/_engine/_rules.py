@@ -68,9 +68,7 @@ def _low_rank_einsum(
     # XLA:CPU 0.10 aborts on some batched layouts of the custom one)
     batched = set(x_letters) & set(out_letters) & (set(sa) | set(sb))
     if custom_backward and weights is None and out_sharding is None and not batched:
-        f = _backward.low_rank(
-            x_letters, first[1], mid, second[1], out_letters, functools.partial(scaled, v)
-        )
+        f = _backward.low_rank(x_letters, first[1], mid, second[1], out_letters, v.scale)
         return f(x.astype(dtype), first[0].astype(dtype), second[0].astype(dtype))
     mid_sharding = None
     if out_sharding is not None:

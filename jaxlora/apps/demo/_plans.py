@@ -17,8 +17,8 @@ import jaxlora.memory
 __all__ = ["memory_plan", "step_times"]
 
 
-def _steps(classify: Callable[..., jax.Array]) -> tuple[Callable, Callable, Callable, Any]:
-    """``(loss, full step, LoRA step factory, optimizer)``: the library's steps on the demo."""
+def _steps(classify: Callable[..., jax.Array]) -> tuple[Callable, Callable, Any]:
+    """``(full step, LoRA step factory, optimizer)``: the library's steps on the demo."""
 
     def loss(params: Any, batch: Any) -> jax.Array:
         ids, mask, labels = batch
@@ -28,7 +28,7 @@ def _steps(classify: Callable[..., jax.Array]) -> tuple[Callable, Callable, Call
     tx = optax.adamw(1e-3)
     full = jaxlora.memory.full_step(loss, tx)
     lora = lambda lora_tx: jaxlora.memory.lora_step(loss, lora_tx)
-    return loss, full, lora, tx
+    return full, lora, tx
 
 
 def _lora_tree(delta: Any, head: Any) -> Any:
@@ -54,7 +54,7 @@ def memory_plan(
         jax.ShapeDtypeStruct((s["batch_size"], s["max_length"]), jnp.int32),
         jax.ShapeDtypeStruct((s["batch_size"],), jnp.int32),
     )
-    _, full_step, lora_step, tx = _steps(classify)
+    full_step, lora_step, tx = _steps(classify)
     params = jaxlora.memory.abstract({"bert": encoder, "classifier": head})
     full = jaxlora.memory.memory_of(
         full_step,
@@ -95,7 +95,7 @@ def step_times(
     shape = (s["batch_size"], s["max_length"])
     ids = jax.random.randint(jax.random.key(0), shape, 0, 1000)
     batch = (ids, jnp.ones(shape, jnp.int32), jnp.zeros(shape[:1], jnp.int32))
-    _, full_step, lora_step, tx = _steps(classify)
+    full_step, lora_step, tx = _steps(classify)
     copy = lambda tree: jax.tree.map(jnp.array, tree)
     full_state = [copy({"bert": encoder, "classifier": head})]
     full_state.append(tx.init(full_state[0]))

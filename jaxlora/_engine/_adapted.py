@@ -169,23 +169,28 @@ def scaled(v: Adapted, x: jax.Array) -> jax.Array:
     return x if v.scale == 1.0 else x * jnp.asarray(v.scale, x.dtype)
 
 
+def delta(v: Adapted) -> jax.Array:
+    """``scale · a⊗b`` in the view's axis order, in float32 (a weight-sized array)."""
+    letters = dict(zip(v.roles, letters_for(len(v.roles) + 1), strict=False))
+    rank = letters_for(len(v.roles) + 1)[-1]
+    sa, sb = v.factor_letters(letters, rank)
+    out = "".join(letters[role] for role in v.roles)
+    product = jnp.einsum(
+        f"{sa},{sb}->{out}",
+        v.a.astype(jnp.float32),
+        v.b.astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return scaled(v, product)
+
+
 def materialize(v: Adapted) -> jax.Array:
     """``base + scale · a@b`` in the view's axis order, computed in float32, cast back."""
     base = value_of(v.base)
     if not v.has_factors:
         return base
     letters = dict(zip(v.roles, letters_for(len(v.roles) + 1), strict=False))
-    rank = letters_for(len(v.roles) + 1)[-1]
-    sa, sb = v.factor_letters(letters, rank)
-    out = "".join(letters[role] for role in v.roles)
-    delta = jnp.einsum(
-        f"{sa},{sb}->{out}",
-        v.a.astype(jnp.float32),
-        v.b.astype(jnp.float32),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    delta = scaled(v, delta)
-    merged = base.astype(jnp.float32) + delta
+    merged = base.astype(jnp.float32) + delta(v)
     if v.out_scale is not None:
         view = "".join(letters[role] for role in v.roles)
         merged = merged * broadcast_out_scale(v, view, view)

@@ -215,22 +215,32 @@ def _gather(eqn: Any, invals: list, ctx: Context) -> list | None:
     v, indices = invals
     if not isinstance(v, Adapted) or isinstance(indices, Adapted):
         return None
-    term = _rules.gather(indices, v, **eqn.params) if v.has_factors else 0
-    if term is None:
+    y = lambda: bind_at_use(lambda ops: _bind(eqn, ops), [v.base, indices], 0)[0]
+    if not v.has_factors:
+        return [y()]
+    found = _rules.gather(indices, v, **eqn.params)
+    if found is None:
         return None
-    y = bind_at_use(lambda ops: _bind(eqn, ops), [v.base, indices], 0)[0]
-    return [y + jnp.asarray(term).astype(y.dtype)]
+    term, out_scale = found
+    out = y()
+    out = out + term.astype(out.dtype)
+    return [out if out_scale is None else (out * out_scale).astype(out.dtype)]
 
 
 def _conv(eqn: Any, invals: list, ctx: Context) -> list | None:
     x, v = invals
     if isinstance(x, Adapted) or not isinstance(v, Adapted):
         return None
-    term = _rules.conv(_dropped(x, v.dropout, ctx), v, **eqn.params) if v.has_factors else 0
-    if term is None:
+    y = lambda: bind_at_use(lambda ops: _bind(eqn, ops), [x, v.base], 1)[0]
+    if not v.has_factors:
+        return [y()]
+    found = _rules.conv(_dropped(x, v.dropout, ctx), v, **eqn.params)
+    if found is None:
         return None
-    y = bind_at_use(lambda ops: _bind(eqn, ops), [x, v.base], 1)[0]
-    return [y + jnp.asarray(term).astype(y.dtype)]
+    term, out_scale = found
+    out = y()
+    out = out + term.astype(out.dtype)
+    return [out if out_scale is None else (out * out_scale).astype(out.dtype)]
 
 
 # ------------------------------------------------------------------ control flow

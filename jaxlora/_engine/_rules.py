@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec
 
-from jaxlora._engine import _backward, _routing
+from jaxlora._engine import _adapted, _backward, _routing
 from jaxlora._engine._adapted import Adapted, broadcast_out_scale, letters_for, scaled
 
 
@@ -259,8 +259,10 @@ def ragged_dot(
     return lax.ragged_dot(scaled(v, t), v.b.astype(dtype), group_sizes, out_sharding=explicit_out)
 
 
-def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
-    """The low-rank term of an embedding lookup ``gather(W, indices)``.
+def gather(
+    indices: jax.Array, v: Adapted, **params: Any
+) -> tuple[jax.Array, jax.Array | None] | None:
+    """The low-rank term of an embedding lookup ``gather(W, indices)`` and DoRA's multiplier.
 
     Fits lookups that index only input axes (each with slice size 1, all of
     them collapsed) and take whole output and stacked axes: then
@@ -269,7 +271,7 @@ def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
     dnums = params["dimension_numbers"]
     if dnums.operand_batching_dims or dnums.start_indices_batching_dims:
         return None
-    if v.out_scale is not None or v.route is not None:
+    if v.route is not None:
         return None
     inputs = [d for d, (g, _) in enumerate(v.roles) if g == "i"]
     if sorted(dnums.collapsed_slice_dims) != inputs or not set(dnums.start_index_map) <= set(
@@ -319,39 +321,62 @@ def gather(indices: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
         out_l.append(next(it_k) if p in dnums.offset_dims else next(it_b))
     dtype = jnp.promote_types(rows.dtype, v.b.dtype)
     term = jnp.einsum(f"{rows_l},{sb}->{''.join(out_l)}", rows.astype(dtype), v.b.astype(dtype))
-    return scaled(v, term)
+    if v.out_scale is None:
+        return scaled(v, term), None
+    out_scale = broadcast_out_scale(v, "".join(view_l), "".join(out_l))
+    return None if out_scale is None else (scaled(v, term), out_scale)
 
 
-def conv(x: jax.Array, v: Adapted, **params: Any) -> jax.Array | None:
-    """The low-rank term of ``conv_general_dilated(x, W)``: a conv to ``r`` channels, then ``b``.
+def conv(x: jax.Array, v: Adapted, **params: Any) -> tuple[jax.Array, jax.Array | None] | None:
+    """The low-rank term of ``conv_general_dilated(x, W)`` and the output multiplier (DoRA's).
 
     Fits kernels whose only output axis is the conv's output-feature axis and
-    whose other axes are all inputs (PEFT's conv LoRA), without feature or
-    batch groups.
+    whose other axes are all inputs (PEFT's conv LoRA). Without feature or batch
+    groups the term is a conv to ``r`` channels, then ``b``. A grouped conv
+    (depthwise: ``feature_group_count`` = channels) has no cheaper factored
+    form: each group's ``r`` hidden channels would cost ``r`` times the conv.
+    Its kernel is small (``in / groups`` input channels), so the term is the
+    same conv with the delta kernel ``s·a⊗b``, built at the use (as a weight,
+    never as an activation).
     """
     dnums = params["dimension_numbers"]
-    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
-        return None
-    if v.out_scale is not None or v.route is not None:
+    if v.route is not None:
         return None
     out_axis = dnums.rhs_spec[0]
     if v.roles[out_axis] != ("o", 0) or v.b.ndim != 2 or v.n_stacked:
         return None
-    # `a` as a kernel of the view's layout with `r` output features
-    order = [v.roles[d][1] for d in range(v.base.ndim) if d != out_axis]
-    a = jnp.transpose(v.a, [*order, v.a.ndim - 1])
-    a = jnp.moveaxis(a, -1, out_axis)
-    dtype = jnp.promote_types(x.dtype, a.dtype)
-    hidden = lax.conv_general_dilated(
-        x.astype(dtype),
-        a.astype(dtype),
-        window_strides=params["window_strides"],
-        padding=params["padding"],
-        lhs_dilation=params["lhs_dilation"],
-        rhs_dilation=params["rhs_dilation"],
-        dimension_numbers=dnums,
-    )
-    feature = dnums.out_spec[1]
-    hidden = jnp.moveaxis(hidden, feature, -1)
-    term = jnp.moveaxis(hidden @ v.b.astype(dtype), -1, feature)
-    return scaled(v, term)
+    grouped = params["feature_group_count"] != 1 or params["batch_group_count"] != 1
+    conv_params = {
+        k: params[k] for k in ("window_strides", "padding", "lhs_dilation", "rhs_dilation")
+    }
+    if grouped:
+        delta = _adapted.delta(v)
+        dtype = jnp.promote_types(x.dtype, v.a.dtype)
+        term = lax.conv_general_dilated(
+            x.astype(dtype),
+            delta.astype(dtype),
+            dimension_numbers=dnums,
+            feature_group_count=params["feature_group_count"],
+            batch_group_count=params["batch_group_count"],
+            **conv_params,
+        )
+    else:
+        # `a` as a kernel of the view's layout with `r` output features
+        order = [v.roles[d][1] for d in range(v.base.ndim) if d != out_axis]
+        a = jnp.transpose(v.a, [*order, v.a.ndim - 1])
+        a = jnp.moveaxis(a, -1, out_axis)
+        dtype = jnp.promote_types(x.dtype, a.dtype)
+        hidden = lax.conv_general_dilated(
+            x.astype(dtype), a.astype(dtype), dimension_numbers=dnums, **conv_params
+        )
+        feature = dnums.out_spec[1]
+        hidden = jnp.moveaxis(hidden, feature, -1)
+        term = scaled(v, jnp.moveaxis(hidden @ v.b.astype(dtype), -1, feature))
+    if v.out_scale is None:
+        return term, None
+    letters = letters_for(v.base.ndim + term.ndim)
+    view_l = "".join(letters[: v.base.ndim])
+    out_l = list(letters[v.base.ndim :])
+    out_l[dnums.out_spec[1]] = view_l[out_axis]
+    out_scale = broadcast_out_scale(v, view_l, "".join(out_l))
+    return None if out_scale is None else (term, out_scale)

@@ -39,6 +39,7 @@ from jaxlora._counts import trainable_mask as trainable_mask
 from jaxlora._delta import LoraNode as LoraNode
 from jaxlora._engine import FallbackError as FallbackError
 from jaxlora._engine import FallbackWarning as FallbackWarning
+from jaxlora._engine import infer_layout as infer_layout
 from jaxlora._hosts import global_batch as global_batch
 from jaxlora._hosts import process_rows as process_rows
 from jaxlora._merge import merge as merge

@@ -34,9 +34,10 @@ import jax
 from jaxlora import _paths
 from jaxlora._engine._adapted import from_node, from_quantized
 from jaxlora._engine._interpret import Context, FallbackError, FallbackWarning, evaluate
+from jaxlora._engine._layout import infer_layout
 from jaxlora.quant import QuantizedArray
 
-__all__ = ["FallbackError", "FallbackWarning", "use_site_call"]
+__all__ = ["FallbackError", "FallbackWarning", "infer_layout", "use_site_call"]
 
 
 def use_site_call(

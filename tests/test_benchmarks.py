@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-# 8 runs of 5-80 s, 4.5 minutes in all on 2 shared, loaded cores: marked slow.
+# 9 runs of 5-80 s, about 5 minutes in all on 2 shared, loaded cores: marked slow.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,13 @@ TABLES: dict[str, tuple[list[tuple[str, ...]], str]] = {
     "gpu": ([("method", "step / jaxlora", "tokens/s", "planned peak")], "train steps"),
     "memory": (
         [("model", "remat", "targets", "full GiB", "merge", "use-site", "floor", "use/floor")],
+        "memory plans",
+    ),
+    "moe": (
+        [
+            ("targets", "full MiB", "merge", "use-site", "floor", "use/floor", "use/merge"),
+            ("step", "ms", "/ floor", "/ full"),
+        ],
         "memory plans",
     ),
     "multi": (

@@ -134,3 +134,89 @@ def test_another_layout_falls_back_with_a_warning_and_stays_right():
     np.testing.assert_allclose(
         got, moe_t(jaxlora.merge(fbase, fdelta), x, GROUPS), rtol=1e-5, atol=1e-5
     )
+
+
+# ------------------------------------------------------------------ the reference MoE decoder
+
+
+def _dense_moe_block(p, x, cfg):
+    """float64 numpy, token by token: the top-k experts' SwiGLU outputs, softmax-weighted."""
+    f64 = lambda a: np.asarray(a, np.float64)
+    tokens = f64(x).reshape(-1, x.shape[-1])
+    logits = tokens @ f64(p["router"]["kernel"])
+    silu = lambda z: z / (1 + np.exp(-z))
+    experts = p["experts"]
+    out = np.zeros_like(tokens)
+    for t, row in enumerate(tokens):
+        chosen = np.argsort(-logits[t], kind="stable")[: cfg.top_k]
+        w = np.exp(logits[t, chosen] - logits[t, chosen].max())
+        for e, we in zip(chosen, w / w.sum(), strict=True):
+            gate = row @ f64(experts["gate_proj"]["kernel"][e])
+            up = row @ f64(experts["up_proj"]["kernel"][e])
+            out[t] += we * (silu(gate) * up) @ f64(experts["down_proj"]["kernel"][e])
+        if cfg.shared_expert:
+            s = p["shared_expert"]
+            h = silu(row @ f64(s["gate_proj"]["kernel"])) * (row @ f64(s["up_proj"]["kernel"]))
+            out[t] += h @ f64(s["down_proj"]["kernel"])
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_moe_block_equals_a_token_by_token_reference(shared):
+    from jaxlora.models.moe import MoeBlock, MoeConfig
+
+    cfg = MoeConfig.tiny(shared_expert=shared)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 64))
+    params = MoeBlock(cfg).init(jax.random.key(1), x)["params"]
+    np.testing.assert_allclose(
+        MoeBlock(cfg).apply({"params": params}, x), _dense_moe_block(params, x, cfg),
+        rtol=2e-4, atol=2e-5,
+    )  # fmt: skip
+
+
+def test_lora_on_the_decoders_experts_with_an_inferred_layout_matches_merge():
+    """``infer_layout`` reads the expert axis; presets find experts; every use is factored."""
+    from jaxlora.models.moe import MoeConfig, MoeDecoder
+
+    model = MoeDecoder(MoeConfig.tiny(shared_expert=True))
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, 256)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    apply = lambda p, t: model.apply({"params": p}, t)
+    layout = jaxlora.infer_layout(apply, params, tokens)
+    names = ("gate", "up", "down")
+    experts = {f"^layers_{i}/moe/experts/{n}_proj/kernel$" for i in (0, 1) for n in names}
+    assert layout == {"stacked_axes": dict.fromkeys(experts, 1), "input_axes": {}}
+    config = jaxlora.LoraConfig(rank=2, targets="mlp", **layout)
+    base, delta = jaxlora.split(params, config, key=jax.random.key(2))
+    adapted = {
+        jaxlora._paths.path_str(p)
+        for p, n in jax.tree_util.tree_flatten_with_path(
+            delta, is_leaf=lambda z: isinstance(z, jaxlora.LoraNode)
+        )[0]
+        if isinstance(n, jaxlora.LoraNode)
+    }
+    assert {p.strip("^$") for p in experts} < adapted  # and the shared expert's three
+    assert not any("router" in p for p in adapted)
+    delta = jax.tree.map(lambda z: z + 0.05, delta)
+    f = jaxlora.lora_apply(apply, strict=True)
+    want = apply(jaxlora.merge(base, delta), tokens)
+    np.testing.assert_allclose(jax.jit(f)(base, delta, tokens), want, rtol=1e-4, atol=1e-4)
+    loss = lambda strategy: (
+        lambda d: jnp.mean(jnp.sin(jaxlora.lora_apply(apply, strategy=strategy)(base, d, tokens)))
+    )
+    got, ref = jax.grad(loss("use-site"))(delta), jax.grad(loss("merge"))(delta)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6)
+
+
+def test_moe_config_rejects_bad_sizes():
+    from jaxlora.models.llama_config import LlamaConfig
+    from jaxlora.models.moe import MoeConfig
+
+    llama = LlamaConfig(vocab_size=16, d_model=8, n_layers=1, n_heads=2, d_ff=8)
+    with pytest.raises(ValueError, match="top_k=3 exceeds n_experts=2"):
+        MoeConfig(llama=llama, n_experts=2, top_k=3, d_expert=4)
+    with pytest.raises(ValueError, match="n_experts must be a positive integer"):
+        MoeConfig(llama=llama, n_experts=0, d_expert=4)
+    with pytest.raises(TypeError, match="LlamaConfig"):
+        MoeConfig(llama={"d_model": 8}, n_experts=2, d_expert=4)

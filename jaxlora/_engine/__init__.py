@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+from jax.sharding import AxisType
 
 from jaxlora import _paths
 from jaxlora._engine._adapted import from_node, from_quantized
@@ -79,7 +80,7 @@ def use_site_call(
             slots[i] = _paths.rebox(slots[i], value)
         return fn(treedef.unflatten(slots), *args, **kwargs)
 
-    avals = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+    avals = [_abstract(w) for w in weights]
     closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(*avals)
     _check_weights_used(closed.jaxpr, [nodes[i] is not None for i in adapted], flat, adapted)
     inputs = [
@@ -91,6 +92,20 @@ def use_site_call(
     ctx = Context(strict=strict, warned=warned, dropout_key=dropout_key, forward_mode=forward_mode)
     out = evaluate(closed.jaxpr, closed.consts, inputs, ctx)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
+
+
+def _abstract(w: Any) -> jax.ShapeDtypeStruct:
+    """``w``'s shape and dtype, and its sharding where the mesh has Explicit axes.
+
+    On an Explicit mesh a sharding is part of the type: ``shard_map`` and
+    matmuls with ``out_sharding`` check it while ``fn`` is traced.
+    """
+    if isinstance(w, QuantizedArray):
+        return jax.ShapeDtypeStruct(w.shape, w.dtype)
+    sharding = getattr(jax.typeof(w), "sharding", None)
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    explicit = any(t == AxisType.Explicit for t in types)
+    return jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding if explicit else None)
 
 
 def _check_weights_used(jaxpr: Any, has_node: list[bool], flat: list, adapted: list[int]) -> None:

@@ -62,11 +62,30 @@ def low_rank(
         d_t = scaled(jnp.einsum(f"{out},{second_letters}->{mid}", g, second))
         d_first = _row_major(d_t, mid, x, x_letters, first_letters)
         d_x = jnp.einsum(f"{mid},{first_letters}->{x_letters}", d_t, first)
-        return d_x, d_first, d_second
+        return _typed_like(d_x, x), _typed_like(d_first, first), _typed_like(d_second, second)
 
     f = jax.custom_vjp(forward)
     f.defvjp(fwd, bwd)
     return f
+
+
+def _typed_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """``grad`` with ``primal``'s varying mesh axes (in a ``shard_map`` body; else as it is).
+
+    A factor replicated over a mesh axis gets one partial gradient per shard:
+    their sum over that axis, as JAX's own transpose of the implicit ``pvary``.
+    """
+    have, want = _varying(grad), _varying(primal)
+    if extra := tuple(sorted(have - want)):
+        grad = lax.psum(grad, extra)
+    if missing := tuple(sorted(want - have)):
+        grad = lax.pcast(grad, missing, to="varying")
+    return grad
+
+
+def _varying(x: jax.Array) -> frozenset:
+    """The manual mesh axes over which ``x`` varies (empty outside ``shard_map``)."""
+    return getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", frozenset())
 
 
 def _row_major(small: jax.Array, s: str, big: jax.Array, b: str, out: str) -> jax.Array:

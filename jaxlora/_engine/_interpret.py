@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
+from jax.sharding import PartitionSpec as P
 
 from jaxlora._engine import _adapted, _rules
 from jaxlora._engine._adapted import Adapted
@@ -36,6 +37,7 @@ _VIEW_OPS = {
     "copy_p",
     "sharding_constraint",
     "optimization_barrier",
+    "pvary",  # in a shard_map body: the weight's type becomes varying over some mesh axes
 }
 _INLINED_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call"}
 
@@ -393,6 +395,109 @@ def _cond(eqn: Any, invals: list, ctx: Context) -> list | None:
     return list(lax.switch(index, branches, *ops))
 
 
+def _shard_map(eqn: Any, invals: list, ctx: Context) -> list | None:
+    """A ``shard_map`` body run on each shard's slice of the weight and of its factors.
+
+    Each factor axis is sharded like the weight's axis of the same role (``a``'s
+    input axes like the weight's inputs, ``b``'s outputs like its outputs, both
+    stacked axes like its stacked ones; the rank axis is whole), so that a
+    shard's slice of ``a ⊗ b`` is the delta of its slice of ``W``. Collectives
+    in the body then reduce the low-rank terms with the frozen ones.
+    """
+    p = eqn.params
+    unsliced = lambda v: isinstance(v.base, Lazy) or v.route is not None
+    if any(isinstance(v, Adapted) and unsliced(v) for v in invals):
+        return None  # a quantized base's blocks and a pool of adapters are not sliced here
+    operands, specs, slots = [], [], []
+    for v, spec in zip(invals, p["in_specs"], strict=True):
+        if not isinstance(v, Adapted):
+            slots.append(len(operands))
+            operands.append(v)
+            specs.append(spec)
+            continue
+        parts = _factor_specs(v, spec)
+        slots.append((v, len(operands), len(parts)))
+        operands.extend(part for part, _ in parts)
+        specs.extend(s for _, s in parts)
+    key = ctx.next_key()
+    key_data = None if key is None else jax.random.key_data(key)
+    manual = tuple(sorted(p["newly_manual_axes"]))
+
+    def body(*args: Any) -> tuple:
+        *args, raw = args
+        inner_key = None
+        if raw is not None:  # a different dropout mask on each shard
+            inner_key = jax.random.wrap_key_data(raw)
+            for name in manual:
+                inner_key = jax.random.fold_in(inner_key, lax.axis_index(name))
+        values = []
+        for slot in slots:
+            if isinstance(slot, int):
+                values.append(args[slot])
+                continue
+            v, start, n = slot
+            local = args[start : start + n]
+            out_scale = local[3] if n == 4 else None
+            values.append(
+                dataclasses.replace(v, base=local[0], a=local[1], b=local[2], out_scale=out_scale)
+            )
+        return tuple(evaluate(p["jaxpr"], [], values, ctx.child(inner_key)))
+
+    mapped = jax.shard_map(
+        body,
+        mesh=p["mesh"],
+        in_specs=(*specs, P()),
+        out_specs=tuple(p["out_specs"]),
+        check_vma=p["check_vma"],
+        axis_names=set(manual),
+    )
+    return list(mapped(*operands, key_data))
+
+
+def _all_gather(eqn: Any, invals: list, ctx: Context) -> list | None:
+    """``all_gather`` of a weight's shards (FSDP in a ``shard_map`` body), factors alike.
+
+    Gathering ``W`` along one axis gathers the factor that holds that axis's
+    role (both factors, for a stacked axis): the gathered factors' product is
+    the gathered weight's delta, and only rank-sized shards move.
+    """
+    (v,) = invals
+    p = eqn.params
+    if not p["tiled"] or p["axis_index_groups"] is not None or v.route is not None:
+        return None
+    base = _view_of(eqn, v.base)
+    if not v.has_factors:
+        return [dataclasses.replace(v, base=base)]
+    group, k = v.roles[p["all_gather_dimension"]]
+    ns = v.n_stacked
+    gather = lambda f, axis: lax.all_gather(f, p["axis_name"], axis=axis, tiled=True)
+    a, b, out_scale = v.a, v.b, v.out_scale
+    if group in ("s", "i"):
+        a = gather(a, k if group == "s" else ns + k)
+    if group in ("s", "o"):
+        b = gather(b, k if group == "s" else ns + 1 + k)
+        if out_scale is not None:
+            out_scale = gather(out_scale, k if group == "s" else ns + k)
+    return [dataclasses.replace(v, base=base, a=a, b=b, out_scale=out_scale)]
+
+
+def _factor_specs(v: Adapted, spec: P) -> list[tuple[Any, P]]:
+    """``[(base, spec), (a, spec_a), (b, spec_b)]`` (and DoRA's ``out_scale``) for shard_map."""
+    entries = (*spec, *(None,) * (len(v.shape) - len(spec)))
+    if not v.has_factors:
+        return [(v.base, spec)]
+    by_role = dict(zip(v.roles, entries, strict=True))
+    ns = v.n_stacked
+    n_in, n_out = v.a.ndim - ns - 1, v.b.ndim - ns - 1
+    stacked = [by_role[("s", k)] for k in range(ns)]
+    inputs = [by_role[("i", k)] for k in range(n_in)]
+    outputs = [by_role[("o", k)] for k in range(n_out)]
+    parts = [(v.base, spec), (v.a, P(*stacked, *inputs, None)), (v.b, P(*stacked, None, *outputs))]
+    if v.out_scale is not None:
+        parts.append((v.out_scale, P(*stacked, *outputs)))
+    return parts
+
+
 _RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     **{name: _view for name in _VIEW_OPS},
     "transpose": _transpose,
@@ -409,4 +514,6 @@ _RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     "scan": _scan,
     "while": _while,
     "cond": _cond,
+    "shard_map": _shard_map,
+    "all_gather": _all_gather,
 }

@@ -100,24 +100,43 @@ def test_qlora_training_on_the_reference_decoder_lowers_the_loss(key):
     assert losses[-1] < 0.9 * losses[0]  # from ln(256): memorizing random tokens
 
 
-def test_stacked_quantized_weights_whose_blocks_span_layers_fall_back(key):
+def test_a_scanned_stack_whose_double_quant_groups_span_layers_is_factored(key):
+    """64 x 64 per layer = 64 blocks: a group of 256 block scales spans both layers.
+
+    The engine dequantizes the block scales for the scan (each layer its own)
+    and keeps the 4-bit codes: no merged weight (strict), dequantized values exact.
+    """
     config = LlamaConfig.tiny(scan_layers=True)
     model = Llama(config)
     tokens = jax.random.randint(key, (2, 8), 0, config.vocab_size)
     params = jax.jit(model.init)(key, tokens)["params"]
     lora = jaxlora.LoraConfig(rank=2, targets="q_proj", stacked_axes=1)
     base, delta = jaxlora.split(params, lora, key=key)
-    # 64 x 64 per layer = 64 blocks: a group of 256 double-quant scales spans both layers
+    delta = jax.tree.map(lambda z: z + 0.05, delta)
     qbase = jaxlora.quantize(base, targets="q_proj", double_quant=True)
+    assert qbase["layers"]["self_attn"]["q_proj"]["kernel"].double_quant
     apply = lambda p, t: model.apply({"params": p}, t)
+    out = jax.jit(jaxlora.lora_apply(apply, strict=True))(qbase, delta, tokens)
+    want = jaxlora.lora_apply(apply, strategy="merge")(jaxlora.dequantize(qbase), delta, tokens)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_quantized_weights_whose_blocks_span_layers_fall_back(key):
+    """Blocks of 64 over layers of 8 x 4 = 32 weights: no layer has its own blocks."""
+    params = {"layers": {"proj": {"kernel": jax.random.normal(key, (4, 8, 4))}}}
+    lora = jaxlora.LoraConfig(rank=2, targets="proj", stacked_axes=1)
+    base, delta = jaxlora.split(params, lora, key=key)
+    qbase = jaxlora.quantize(base, targets="proj", block_size=64)
+
+    def apply(p, x):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w @ w.T), None), x,
+                            p["layers"]["proj"]["kernel"])[0]  # fmt: skip
+
+    x = jnp.ones((2, 8))
     with pytest.warns(jaxlora.FallbackWarning, match="blocks span layers"):
-        out = jaxlora.lora_apply(apply)(qbase, delta, tokens)
-    np.testing.assert_allclose(
-        out,
-        jaxlora.lora_apply(apply, strategy="merge")(jaxlora.dequantize(qbase), delta, tokens),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+        out = jaxlora.lora_apply(apply)(qbase, delta, x)
+    want = jaxlora.lora_apply(apply, strategy="merge")(jaxlora.dequantize(qbase), delta, x)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_into_a_quantized_base(key):

@@ -206,3 +206,61 @@ def _leaves(delta):
         )[0]
         if isinstance(n, jaxlora.LoraNode)
     ]
+
+
+# ------------------------------------------------------------------ weight-normalized kernels
+
+
+def _weight_norm(layer, x):
+    model = nn.WeightNorm(layer)
+    params = model.init(jax.random.key(0), x)["params"]
+    return (lambda p, x: model.apply({"params": p}, x)), params
+
+
+@pytest.mark.parametrize(
+    "layer, shape, input_axes",
+    [
+        (nn.Dense(6), (3, 4), None),
+        (nn.Conv(5, kernel_size=(3, 3)), (2, 6, 6, 3), {"kernel": 3}),
+    ],
+    ids=["Dense", "Conv"],
+)
+def test_a_weight_normalized_kernel_is_factored(layer, shape, input_axes):
+    """``flax.linen.WeightNorm``: ``g · V / ||V||`` over the inputs, ``V = W + s·a@b``.
+
+    The column norms come from the factors (no merged ``V``) and the multiplier
+    scales the layer's output: equal to the dense weight-normalized model.
+    """
+    x = normal(*shape, seed=4)
+    apply, params = _weight_norm(layer, x)
+    config = jaxlora.LoraConfig(rank=2, targets="kernel$", input_axes=input_axes)
+    base, delta = jaxlora.split(params, config, key=jax.random.key(1))
+    delta = randomize_b(delta, jax.random.key(2), scale=0.3)
+    kernel = base["layer_instance"]["kernel"]
+    node = delta["layer_instance"]["kernel"]
+    v = kernel + node.scale * (node.a @ node.b).reshape(kernel.shape)
+    axes = tuple(range(kernel.ndim - 1))
+    dense = v / jnp.sqrt(jnp.sum(v * v, axis=axes, keepdims=True) + 1e-12)
+    dense = dense * params["layer_instance/kernel/scale"]  # the normalized kernel, by hand
+    layer_params = {"params": {"kernel": dense, "bias": base["layer_instance"]["bias"]}}
+    want = layer.apply(layer_params, x)
+    f = jaxlora.lora_apply(apply, strict=True)
+    np.testing.assert_allclose(jax.jit(f)(base, delta, x), want, rtol=2e-5, atol=2e-5)
+    loss = lambda s: lambda d: jnp.sum(jnp.sin(jaxlora.lora_apply(apply, strategy=s)(base, d, x)))
+    got, ref = jax.grad(loss("use-site"))(delta), jax.grad(loss("merge"))(delta)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_a_multiplier_along_the_inputs_falls_back_and_stays_right():
+    """``W * m[:, None]`` scales inputs, not outputs: merged at the use, with a warning."""
+    params = {"proj": {"kernel": normal(4, 6)}}
+    m = jnp.arange(1.0, 5.0)[:, None]
+    fn = lambda p, x: x @ (p["proj"]["kernel"] * m)
+    base, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=2, targets="proj"),
+                                key=jax.random.key(0))  # fmt: skip
+    delta = randomize_b(delta, jax.random.key(1))
+    x = normal(3, 4)
+    with pytest.warns(jaxlora.FallbackWarning, match="mul"):
+        got = jaxlora.lora_apply(fn)(base, delta, x)
+    np.testing.assert_allclose(got, fn(jaxlora.merge(base, delta), x), rtol=1e-5, atol=1e-6)

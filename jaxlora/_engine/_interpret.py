@@ -42,6 +42,13 @@ _VIEW_OPS = {
 _INLINED_CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call"}
 
 
+@dataclasses.dataclass(frozen=True)
+class Squared:
+    """``v ⊙ v`` of an adapted weight, kept unevaluated: a weight norm sums it over inputs."""
+
+    v: Adapted
+
+
 @dataclasses.dataclass
 class Context:
     """What one evaluation needs beyond the values: fallback policy, dropout keys, and whether
@@ -103,7 +110,7 @@ def evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx
         env[var] = value
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(v, Adapted) for v in invals):
+        if any(isinstance(v, Adapted | Squared) for v in invals):
             outvals = _adapted_eqn(eqn, invals, ctx)
         else:
             outvals = _bind(eqn, invals)
@@ -120,6 +127,9 @@ def _bind(eqn: Any, invals: list) -> list:
 
 
 def _plain(value: Any, primitive: str, ctx: Context) -> Any:
+    if isinstance(value, Squared):
+        merged = ctx.fallback(primitive, value.v)
+        return merged * merged
     return ctx.fallback(primitive, value) if isinstance(value, Adapted) else value
 
 
@@ -243,6 +253,55 @@ def _conv(eqn: Any, invals: list, ctx: Context) -> list | None:
     out = y()
     out = out + term.astype(out.dtype)
     return [out if out_scale is None else (out * out_scale).astype(out.dtype)]
+
+
+# ------------------------------------------------------------------ weight norms
+
+
+def _scaled_by(v: Adapted, m: Any, eqn: Any) -> list | None:
+    """``v * m`` for a multiplier ``m`` per output unit: it joins ``out_scale``."""
+    if not v.has_factors or v.route is not None or isinstance(m, Adapted | Squared):
+        return None
+    if tuple(eqn.outvars[0].aval.shape) != v.shape:
+        return None  # the product broadcasts the weight itself
+    mult = _rules.output_multiplier(v, m)
+    if mult is None:
+        return None
+    out_scale = mult if v.out_scale is None else v.out_scale * mult
+    return [dataclasses.replace(v, out_scale=out_scale)]
+
+
+def _mul(eqn: Any, invals: list, ctx: Context) -> list | None:
+    x, y = invals
+    if isinstance(x, Adapted) and x is y:
+        return [Squared(x)]
+    if isinstance(x, Adapted):
+        return _scaled_by(x, y, eqn)
+    if isinstance(y, Adapted):
+        return _scaled_by(y, x, eqn)
+    return None
+
+
+def _div(eqn: Any, invals: list, ctx: Context) -> list | None:
+    x, y = invals
+    if not isinstance(x, Adapted) or isinstance(y, Adapted | Squared):
+        return None
+    return _scaled_by(x, 1 / jnp.asarray(y), eqn)
+
+
+def _square(eqn: Any, invals: list, ctx: Context) -> list | None:
+    (v,) = invals
+    if eqn.primitive.name == "integer_pow" and eqn.params["y"] != 2:
+        return None
+    return [Squared(v)] if isinstance(v, Adapted) else None
+
+
+def _reduce_sum(eqn: Any, invals: list, ctx: Context) -> list | None:
+    (sq,) = invals
+    if not isinstance(sq, Squared) or not sq.v.has_factors:
+        return None
+    norms = _rules.squared_norms(sq.v, tuple(eqn.params["axes"]))
+    return None if norms is None else [norms]
 
 
 # ------------------------------------------------------------------ control flow
@@ -516,4 +575,9 @@ _RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     "cond": _cond,
     "shard_map": _shard_map,
     "all_gather": _all_gather,
+    "mul": _mul,
+    "div": _div,
+    "square": _square,
+    "integer_pow": _square,
+    "reduce_sum": _reduce_sum,
 }

@@ -19,6 +19,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from jaxlora._engine import _adapted, _backward, _routing
 from jaxlora._engine._adapted import Adapted, broadcast_out_scale, letters_for, scaled
+from jaxlora._engine._lazy import value_of
 
 
 def _low_rank_einsum(
@@ -380,3 +381,57 @@ def conv(x: jax.Array, v: Adapted, **params: Any) -> tuple[jax.Array, jax.Array 
     out_l[dnums.out_spec[1]] = view_l[out_axis]
     out_scale = broadcast_out_scale(v, view_l, "".join(out_l))
     return None if out_scale is None else (term, out_scale)
+
+
+# ------------------------------------------------------------------ weight norms
+
+
+def output_multiplier(v: Adapted, m: jax.Array) -> jax.Array | None:
+    """``m`` (a multiplier of the view, broadcast) laid out as ``out_scale``: ``(*S, *O)``.
+
+    ``None`` unless ``m`` is constant along every input axis of the view: a
+    multiplier per output unit (and per stacked layer) scales the matmul's
+    output, ``x @ ((W + s·a⊗b) * m) = (x @ (W + s·a⊗b)) * m``; one along the
+    inputs would not.
+    """
+    m = jnp.asarray(m)
+    if m.ndim > len(v.roles):
+        return None
+    m = m.reshape((1,) * (len(v.roles) - m.ndim) + m.shape)
+    if any(g == "i" and m.shape[d] != 1 for d, (g, _) in enumerate(v.roles)):
+        return None
+    keep = [(g, k) for g, k in v.roles if g != "i"]
+    order = sorted(range(len(keep)), key=lambda j: (keep[j][0] != "s", keep[j][1]))
+    m = jnp.squeeze(m, [d for d, (g, _) in enumerate(v.roles) if g == "i"])
+    ns = v.n_stacked
+    return jnp.broadcast_to(jnp.transpose(m, order), (*v.a.shape[:ns], *v.b.shape[ns + 1 :]))
+
+
+def squared_norms(v: Adapted, axes: tuple[int, ...]) -> jax.Array | None:
+    """``sum((W + s·a⊗b)², axes)`` from the factors, when ``axes`` are the view's input axes.
+
+    ``ΣW² + 2s·Σ W⊙(a⊗b) + s²·bᵀ(aᵀa)b`` per output (and stacked) unit: weight
+    sized reads, rank-sized intermediates, no merged weight (a weight norm,
+    ``W / ||W||`` over the inputs, as in ``flax.linen.WeightNorm``).
+    """
+    inputs = sorted(d for d, (g, _) in enumerate(v.roles) if g == "i")
+    if sorted(axes) != inputs or v.out_scale is not None or v.route is not None:
+        return None
+    letters = letters_for(len(v.roles) + 2)
+    rank, rank2 = letters[-2], letters[-1]
+    view = "".join(letters[: len(v.roles)])
+    role_l = dict(zip(v.roles, view, strict=True))
+    sa, sb = v.factor_letters(role_l, rank)
+    _, sb2 = v.factor_letters(role_l, rank2)
+    sa2 = sa.replace(rank, rank2)
+    out = "".join(c for d, c in enumerate(view) if d not in inputs)
+    w = value_of(v.base).astype(jnp.float32)
+    a, b = v.a.astype(jnp.float32), v.b.astype(jnp.float32)
+    hp = jax.lax.Precision.HIGHEST
+    plain = jnp.sum(w * w, axis=tuple(inputs))
+    cross = jnp.einsum(f"{view},{sa},{sb}->{out}", w, a, b, precision=hp)
+    gram = jnp.einsum(f"{sa},{sa2}->{sa[: v.n_stacked]}{rank}{rank2}", a, a, precision=hp)
+    s = v.scale
+    stacked = sa[: v.n_stacked]
+    square = jnp.einsum(f"{sb},{stacked}{rank}{rank2},{sb2}->{out}", b, gram, b, precision=hp)
+    return (plain + 2 * s * cross + s * s * square).astype(v.dtype)

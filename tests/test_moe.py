@@ -220,3 +220,46 @@ def test_moe_config_rejects_bad_sizes():
         MoeConfig(llama=llama, n_experts=0, d_expert=4)
     with pytest.raises(TypeError, match="LlamaConfig"):
         MoeConfig(llama={"d_model": 8}, n_experts=2, d_expert=4)
+
+
+def test_expert_adapters_as_peft_files_of_per_expert_modules_load_into_peft(tmp_path):
+    """Mixtral's PEFT layout: one ``nn.Linear`` per expert (``experts.{e}.w1``).
+
+    A key map with a ``{}`` field for the expert axis writes each expert's
+    adapter as its own module; PEFT loads the file onto a torch model of
+    per-expert linears and its merged weights equal ours (an independent
+    reference), and ``load_peft`` reads the same adapters back.
+    """
+    torch = pytest.importorskip("torch")
+    hf_peft = pytest.importorskip("peft")
+    from jaxlora.io import peft
+
+    params, base, delta, _ = _setup()
+    config = jaxlora.LoraConfig(rank=2, alpha=3.0, targets=["up", "down"], stacked_axes=1)
+    names = {"experts/up": "experts.{}.w1", "experts/down": "experts.{}.w2"}
+    key_map = lambda path: names.get(path)
+    peft.save_peft(tmp_path, delta, config=config, key_map=key_map)
+
+    class Expert(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Linear(D, F, bias=False)
+            self.w2 = torch.nn.Linear(F, D, bias=False)
+
+    model = torch.nn.Module()
+    model.experts = torch.nn.ModuleList([Expert() for _ in range(E)])
+    with torch.no_grad():
+        for e, expert in enumerate(model.experts):
+            expert.w1.weight.copy_(torch.tensor(np.asarray(params["experts"]["up"][e]).T))
+            expert.w2.weight.copy_(torch.tensor(np.asarray(params["experts"]["down"][e]).T))
+    merged_torch = hf_peft.PeftModel.from_pretrained(model, tmp_path).merge_and_unload()
+    merged = jaxlora.merge(base, delta)
+    for e in range(E):
+        np.testing.assert_allclose(merged_torch.experts[e].w1.weight.detach().numpy().T,
+                                   merged["experts"]["up"][e], rtol=1e-5, atol=1e-6)  # fmt: skip
+        np.testing.assert_allclose(merged_torch.experts[e].w2.weight.detach().numpy().T,
+                                   merged["experts"]["down"][e], rtol=1e-5, atol=1e-6)  # fmt: skip
+    loaded, _ = peft.load_peft(tmp_path, base=base, key_map=key_map, config=config)
+    for name in ("up", "down"):
+        np.testing.assert_allclose(loaded["experts"][name].a, delta["experts"][name].a, rtol=1e-6)
+        np.testing.assert_allclose(loaded["experts"][name].b, delta["experts"][name].b, rtol=1e-6)

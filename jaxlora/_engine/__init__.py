@@ -1,17 +1,22 @@
 """The use-site engine behind ``lora_apply``.
 
 ``fn`` is traced to a jaxpr with each adapted weight as an input; the jaxpr is
-then evaluated by a small interpreter (``_interpret``) in which those inputs
+then evaluated by a small interpreter (``_interpret``, with the rules for each
+use of a weight in ``_uses`` and its policy in ``_context``) in which those inputs
 are ``Adapted`` values (``_adapted``): views of the frozen weight that carry
 their low-rank factors. Where a weight meets ``dot_general``, ``gather`` or
 ``conv_general_dilated``, a rule (``_rules``) emits ``op(x, W) + s·op(x, a⊗b)``
 with ``x`` contracted against a factor first, so the merged weight is never
 built; its gradient is a custom VJP (``_backward``) whose factor gradients
 XLA runs without transposing activations. Higher-order primitives (``jit``,
-``scan``, ``while``, ``cond``, ``remat``, custom derivatives) are re-emitted
-around an interpreted body, so ``nn.scan``-stacked adapters are sliced per
-layer with their weights and remat policies are kept. Any other use merges
-the weight at that use only.
+``scan``, ``while``, ``cond``, ``remat``, ``shard_map``, custom derivatives)
+are re-emitted around an interpreted body, so ``nn.scan``-stacked adapters are
+sliced per layer with their weights, ``shard_map`` bodies get each shard's
+slice of the factors, and remat policies are kept. A weight norm (a multiplier
+per output unit, the sum of squares over the inputs) stays factored too. Any
+other use merges the weight at that use only. ``_layout`` reads, from the same
+kind of trace, which axes of each weight are stacked, inputs and outputs
+(``infer_layout``).
 
 Why our own interpreter rather than quax: quax (a maintained library for
 array-like pytrees that override primitives) would give us the dispatch, but
@@ -34,7 +39,8 @@ from jax.sharding import AxisType
 
 from jaxlora import _paths
 from jaxlora._engine._adapted import from_node, from_quantized
-from jaxlora._engine._interpret import Context, FallbackError, FallbackWarning, evaluate
+from jaxlora._engine._context import Context, FallbackError, FallbackWarning
+from jaxlora._engine._interpret import evaluate
 from jaxlora._engine._layout import infer_layout
 from jaxlora.quant import QuantizedArray
 

@@ -3,7 +3,10 @@
 Each rule returns the primitive's output for ``op(x, W + s·Δ)`` as
 ``op(x, W) + s · term`` where ``term`` is computed from the factors without
 building ``Δ = a ⊗_r b``, or ``None`` when the use does not fit the rule (the
-interpreter then materializes the weight at that use).
+interpreter then materializes the weight at that use). Where the weight carries
+an output multiplier (DoRA's ``m / ||W + s·Δ||``, a weight norm's ``g / ||V||``),
+the rules also return it laid out for the output. The weight-norm helpers at
+the end compute such a multiplier's pieces from the factors.
 """
 
 from __future__ import annotations

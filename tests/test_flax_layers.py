@@ -264,3 +264,25 @@ def test_a_multiplier_along_the_inputs_falls_back_and_stays_right():
     with pytest.warns(jaxlora.FallbackWarning, match="mul"):
         got = jaxlora.lora_apply(fn)(base, delta, x)
     np.testing.assert_allclose(got, fn(jaxlora.merge(base, delta), x), rtol=1e-5, atol=1e-6)
+
+
+def test_an_l2_penalty_on_an_adapted_weight_is_factored():
+    """``sum(W²)`` over every axis (weight decay in the loss): the column norms, summed."""
+    params = {"layers": {"proj": {"kernel": normal(3, 4, 6)}}}
+
+    def fn(p, x):
+        w = p["layers"]["proj"]["kernel"]
+        y = jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl @ wl.T), None), x, w)[0]
+        return jnp.sum(y) + 0.1 * jnp.sum(w**2) + jnp.sum(jnp.square(w), axis=(0, 1))
+
+    config = jaxlora.LoraConfig(rank=2, targets="proj", stacked_axes=1)
+    base, delta = jaxlora.split(params, config, key=jax.random.key(0))
+    delta = randomize_b(delta, jax.random.key(1), scale=0.3)
+    x = normal(2, 4)
+    f = jaxlora.lora_apply(fn, strict=True)
+    want = fn(jaxlora.merge(base, delta), x)
+    np.testing.assert_allclose(jax.jit(f)(base, delta, x), want, rtol=1e-5, atol=1e-5)
+    loss = lambda s: lambda d: jnp.sum(jaxlora.lora_apply(fn, strategy=s)(base, d, x))
+    got, ref = jax.grad(loss("use-site"))(delta), jax.grad(loss("merge"))(delta)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)

@@ -411,15 +411,24 @@ def output_multiplier(v: Adapted, m: jax.Array) -> jax.Array | None:
 
 
 def squared_norms(v: Adapted, axes: tuple[int, ...]) -> jax.Array | None:
-    """``sum((W + s·a⊗b)², axes)`` from the factors, when ``axes`` are the view's input axes.
+    """``sum((W + s·a⊗b)², axes)`` from the factors, when ``axes`` hold the view's inputs.
 
     ``ΣW² + 2s·Σ W⊙(a⊗b) + s²·bᵀ(aᵀa)b`` per output (and stacked) unit: weight
     sized reads, rank-sized intermediates, no merged weight (a weight norm,
-    ``W / ||W||`` over the inputs, as in ``flax.linen.WeightNorm``).
+    ``W / ||W||`` over the inputs, as in ``flax.linen.WeightNorm``). Further
+    axes in ``axes`` (an L2 penalty sums over all of them) are summed after.
     """
     inputs = sorted(d for d, (g, _) in enumerate(v.roles) if g == "i")
-    if sorted(axes) != inputs or v.out_scale is not None or v.route is not None:
+    if not set(inputs) <= set(axes) or v.out_scale is not None or v.route is not None:
         return None
+    kept = [d for d in range(len(v.roles)) if d not in inputs]
+    after = tuple(kept.index(d) for d in sorted(set(axes) - set(inputs)))
+    norms = _column_norms(v, inputs)
+    return jnp.sum(norms, axis=after) if after else norms
+
+
+def _column_norms(v: Adapted, inputs: list[int]) -> jax.Array:
+    """``sum((W + s·a⊗b)², inputs)``, in the view's order of the other axes."""
     letters = letters_for(len(v.roles) + 2)
     rank, rank2 = letters[-2], letters[-1]
     view = "".join(letters[: len(v.roles)])

@@ -32,14 +32,18 @@ def lora_apply(
     ``wrapped`` returns what ``fn(merge(base, delta), *args, **kwargs)`` returns.
     With the default ``"use-site"`` strategy it never builds the merged weights:
     ``fn`` is traced, and where an adapted weight ``W`` meets a matmul
-    (``dot_general``, any dimension numbers), a convolution or an embedding
+    (``dot_general``, any dimension numbers), a grouped matmul
+    (``lax.ragged_dot``: mixture-of-experts), a convolution or an embedding
     lookup, the engine computes ``x@W + s·(x@a)@b`` there. Training then holds
     no second copy of the model for the backward pass. Views of a weight
-    (transpose, reshape, cast) are followed, and ``jit``, ``scan``
-    (``nn.scan``-stacked layers), ``while``, ``cond``, ``remat`` and custom
-    derivative rules are entered. Any other use of an adapted weight merges it
-    at that use only and warns once (:class:`FallbackWarning`), or raises
-    (:class:`FallbackError`) when ``strict=True``.
+    (transpose, reshape, cast, slices such as a layer or an expert of a stack,
+    ``w[i]``), weight norms (a multiplier per output unit, a sum of squares
+    over the inputs) are followed, and ``jit``, ``scan``
+    (``nn.scan``-stacked layers), ``while``, ``cond``, ``remat``, ``shard_map``
+    (each shard gets its slice of the factors) and custom derivative rules are
+    entered. Any other use of an adapted weight merges it at that use only and
+    warns once (:class:`FallbackWarning`), or raises (:class:`FallbackError`)
+    when ``strict=True``.
 
     ``wrapped`` also takes ``dropout_key=``: a PRNG key that turns on dropout
     (at each adapter's ``LoraConfig.dropout`` rate) on the input of the

@@ -160,11 +160,13 @@ class TiedLM(nn.Module):
         return embed.attend(jnp.tanh(h))
 
 
-def test_tied_embedding_lookup_and_attend(key):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_tied_embedding_lookup_and_attend(key, use_dora):
+    """With DoRA, ``attend`` contracts the scaled features: the multiplier scales its input."""
     ids = jax.random.randint(key, (3, 5), 0, 20)
     params = TiedLM().init(key, ids)["params"]
     apply = lambda p, ids: TiedLM().apply({"params": p}, ids)
-    config = jaxlora.LoraConfig(rank=4, targets=["embedding", "kernel"])
+    config = jaxlora.LoraConfig(rank=4, targets=["embedding", "kernel"], use_dora=use_dora)
     assert_use_site_equals_merge(apply, params, config, ids)
 
 
@@ -191,6 +193,54 @@ def test_stacked_weight_read_as_unstacked_falls_back_with_a_warning(key):
     np.testing.assert_allclose(
         out, jaxlora.lora_apply(apply, strategy="merge")(base, delta, x), rtol=RTOL
     )
+
+
+def _fused_qkv(p, x):
+    """A fused (in, 3·d) kernel cut into q/k/v by columns, and an input-sliced use."""
+    w = p["qkv"]["kernel"]
+    q, k, v = w[:, :8], w[:, 8:16], w[:, 16::1]
+    scores = jax.nn.softmax((x @ q) @ (x @ k).T)
+    return scores @ (x @ v) + x[:, :6] @ w[2:8, ::3]
+
+
+def _layer_by_index(p, x):
+    """Layers of a stacked kernel taken one by one: a static index, then a traced one."""
+    w = p["layers"]["kernel"]
+    x = jnp.tanh(x @ w[0])
+    return jax.lax.fori_loop(1, 3, lambda i, h: jnp.tanh(h @ w[i]), x)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_slices_of_a_weight_slice_its_factors(key, use_dora):
+    x = jax.random.normal(key, (5, 12))
+    fused = {"qkv": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (12, 24)) / 4}}
+    config = jaxlora.LoraConfig(rank=3, targets="kernel", use_dora=use_dora)
+    assert_use_site_equals_merge(_fused_qkv, fused, config, x)
+    stacked = {"layers": {"kernel": jax.random.normal(jax.random.fold_in(key, 2), (3, 12, 12))}}
+    layout = jaxlora.infer_layout(_layer_by_index, stacked, x)
+    assert layout["stacked_axes"] == {"^layers/kernel$": 1}
+    config = jaxlora.LoraConfig(rank=3, targets="kernel", use_dora=use_dora, **layout)
+    assert_use_site_equals_merge(_layer_by_index, stacked, config, x)
+
+
+def test_slices_of_a_quantized_weight(key):
+    """A static slice stays lazy (dequantized at its use); a traced one merges there, right."""
+    x = jax.random.normal(key, (5, 12))
+    params = {"layers": {"kernel": jax.random.normal(jax.random.fold_in(key, 2), (3, 12, 12))}}
+    config = jaxlora.LoraConfig(rank=3, targets="kernel", stacked_axes=1)
+    base, delta = jaxlora.split(params, config, key=key)
+    qbase, delta = jaxlora.quantize(base, block_size=16), randomize_b(delta, key)
+    want = _layer_by_index(jaxlora.merge(jaxlora.dequantize(qbase), delta), x)
+    static = lambda p, x: jnp.tanh(x @ p["layers"]["kernel"][2])
+    np.testing.assert_allclose(
+        jaxlora.lora_apply(static, strict=True)(qbase, delta, x),
+        static(jaxlora.merge(jaxlora.dequantize(qbase), delta), x),
+        rtol=RTOL,
+        atol=1e-5,
+    )
+    with pytest.warns(jaxlora.FallbackWarning, match="dynamic_slice"):
+        got = jaxlora.lora_apply(_layer_by_index)(qbase, delta, x)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-5)
 
 
 # ---------------------------------------------------------------- nnx

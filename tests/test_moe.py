@@ -136,6 +136,66 @@ def test_another_layout_falls_back_with_a_warning_and_stays_right():
     )
 
 
+# ------------------------------------------- experts as an einsum axis, or one expert at a time
+
+
+def _per_expert_reference(params, delta, x_e):
+    """float64: ``x_e[e] @ (W_e + s·a_e@b_e)`` for each expert's rows ``x_e[e]``."""
+    node = delta["experts"]["up"]
+    w = np.asarray(params["experts"]["up"], np.float64)
+    w = w + node.scale * np.asarray(node.a, np.float64) @ np.asarray(node.b, np.float64)
+    return np.stack([np.asarray(x_e[e], np.float64) @ w[e] for e in range(E)])
+
+
+def _by_einsum(p, x_e):  # GShard-style dispatch: (experts, capacity, d) @ (experts, d, f)
+    return jnp.einsum("ecd,edf->ecf", x_e, p["experts"]["up"])
+
+
+def _by_loop(p, x_e):  # each expert's weight taken by index (jnp's w[e]: a static slice)
+    return jnp.stack([x_e[e] @ p["experts"]["up"][e] for e in range(E)])
+
+
+def _by_fori_loop(p, x_e):  # a traced index (dynamic_slice)
+    def body(e, out):
+        return out.at[e].set(x_e[e] @ p["experts"]["up"][e])
+
+    return jax.lax.fori_loop(0, E, body, jnp.zeros((E, x_e.shape[1], F), x_e.dtype))
+
+
+@pytest.mark.parametrize("fn", [_by_einsum, _by_loop, _by_fori_loop], ids=lambda f: f.__name__)
+def test_experts_used_through_an_expert_axis_are_factored(fn):
+    """No merged expert weight, whichever way the program picks each expert's weight."""
+    params, base, delta, _ = _setup()
+    x_e = jnp.asarray(np.random.default_rng(5).normal(size=(E, 3, D)), jnp.float32)
+    assert jaxlora.infer_layout(fn, params, x_e)["stacked_axes"] == {"^experts/up$": 1}
+    f = jaxlora.lora_apply(fn, strict=True)  # strict: a fallback would raise
+    want = _per_expert_reference(params, delta, x_e)
+    np.testing.assert_allclose(jax.jit(f)(base, delta, x_e), want, rtol=1e-5, atol=1e-5)
+
+    loss = lambda strategy: (
+        lambda d: jnp.sum(jnp.sin(jaxlora.lora_apply(fn, strategy=strategy)(base, d, x_e)))
+    )
+    got, ref = jax.grad(loss("use-site"))(delta), jax.grad(loss("merge"))(delta)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    products = _dot_shapes(jax.make_jaxpr(jax.grad(loss("use-site")))(delta).jaxpr)
+    assert not products & {(E, D, F), (1, D, F), (D, F)}  # no a@b of the stack or an expert
+
+
+def _dot_shapes(jaxpr) -> set:
+    """The output shapes of every ``dot_general`` in ``jaxpr`` and its nested bodies."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(tuple(eqn.outvars[0].aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found |= _dot_shapes(inner)
+    return found
+
+
 # ------------------------------------------------------------------ the reference MoE decoder
 
 

@@ -7,7 +7,7 @@ weight: ``dot_general`` contracts some axes and batches others, a convolution
 names its kernel's input-feature and spatial axes, a gather indexes rows, and
 ``scan`` slices a stacked axis off for each layer. This module traces the
 function once and follows every weight through the views it takes (casts,
-transposes, reshapes, nested calls, ``scan``/``cond``/``while``/``remat``/
+transposes, reshapes, slices, nested calls, ``scan``/``cond``/``while``/``remat``/
 ``shard_map`` bodies) to those uses.
 """
 
@@ -294,6 +294,18 @@ def _regroup(
     return tuple(out) if math.prod(shape_in) == math.prod(shape_out) else None
 
 
+def _slice(eqn: Any, invals: list, uses: _Uses) -> list:
+    """``slice``/``dynamic_slice``: an axis cut down to one entry indexes a stack (``w[i]``)."""
+    t = invals[0]
+    if t is None or any(invals[1:]):
+        return [None]
+    shape_in, shape_out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    picked = [d for d, (n, m) in enumerate(zip(shape_in, shape_out, strict=True)) if m == 1 < n]
+    fixed = (*t.fixed, *((axis, _STACKED) for d in picked for axis in t.groups[d]))
+    groups = tuple(() if d in picked else g for d, g in enumerate(t.groups))
+    return [_Track(t.weight, groups, fixed)]
+
+
 def _dot_general(eqn: Any, invals: list, uses: _Uses) -> list:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     for t, contract, batch in zip(invals, (lc, rc), (lb, rb), strict=True):
@@ -393,6 +405,8 @@ _HANDLERS: dict[str, Callable[[Any, list, _Uses], list]] = {
     "squeeze": _reshape,
     "expand_dims": _reshape,
     "broadcast_in_dim": _reshape,
+    "slice": _slice,
+    "dynamic_slice": _slice,
     "dot_general": _dot_general,
     "ragged_dot_general": _ragged_dot,
     "conv_general_dilated": _conv,

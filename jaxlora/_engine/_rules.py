@@ -185,19 +185,49 @@ def dot_general(
     laid out for the output (``None`` without one, or when the weight's output
     axes are contracted and it cannot be applied).
     """
+    x_letters, v_letters, out = _dot_letters(x, v, weight_is_lhs, dimension_numbers)
+    if v.route is not None:
+        n_ids = v.route.ids.shape[0]
+        contracted = x_letters[0] not in out
+        if contracted or x.shape[0] != n_ids:
+            found = "is contracted" if contracted else f"has {x.shape[0]} entries, not {n_ids}"
+            raise ValueError(
+                f"adapter_ids select one adapter per example along axis 0 of the activations, "
+                f"but {v.path!r} meets an input of shape {x.shape} whose axis 0 {found}. "
+                "Pass adapter_ids with one id per example of the batch the model sees."
+            )
+        return _routed_term(x, x_letters, v, v_letters, out)
+    term = _low_rank_einsum(
+        x, x_letters, v, v_letters, out, out_sharding=out_sharding, custom_backward=custom_backward
+    )
+    if v.out_scale is None:
+        return term, None
+    return term, broadcast_out_scale(v, v_letters, out)
+
+
+def input_multiplier(
+    x: jax.Array, v: Adapted, *, weight_is_lhs: bool, dimension_numbers: Any, **_: Any
+) -> jax.Array | None:
+    """The node's output multiplier laid out on ``x``, where the use contracts the weight's outputs.
+
+    A tied embedding read as an output layer (``x @ E.T``) contracts the
+    features that DoRA's multiplier scales: ``x @ (m·W)ᵀ = (x·m) @ Wᵀ``, so the
+    multiplier scales the input instead. ``None`` when an axis it spans is
+    neither contracted with ``x`` nor shared with it.
+    """
+    x_letters, v_letters, _ = _dot_letters(x, v, weight_is_lhs, dimension_numbers)
+    return broadcast_out_scale(v, v_letters, x_letters)
+
+
+def _dot_letters(
+    x: jax.Array, v: Adapted, weight_is_lhs: bool, dimension_numbers: Any
+) -> tuple[str, str, str]:
+    """Einsum subscripts of ``x``, the weight's view and the output of their ``dot_general``."""
     (lc, rc), (lb, rb) = dimension_numbers
     if weight_is_lhs:
         (xc, vc), (xb, vb) = (rc, lc), (rb, lb)
     else:
         (xc, vc), (xb, vb) = (lc, rc), (lb, rb)
-    n_ids = None if v.route is None else v.route.ids.shape[0]
-    if v.route is not None and (0 in xc or x.shape[0] != n_ids):
-        raise ValueError(
-            f"adapter_ids select one adapter per example along axis 0 of the activations, but "
-            f"{v.path!r} meets an input of shape {x.shape} whose axis 0 "
-            f"{'is contracted' if 0 in xc else f'has {x.shape[0]} entries, not {n_ids}'}. "
-            "Pass adapter_ids with one id per example of the batch the model sees."
-        )
     letters = letters_for(x.ndim + v.base.ndim)
     xl = letters[: x.ndim]
     vl = letters[x.ndim :]
@@ -209,15 +239,7 @@ def dot_general(
     x_free = "".join(c for k, c in enumerate(xl) if k not in xc and k not in xb)
     v_free = "".join(c for k, c in enumerate(vl) if k not in vc and k not in vb)
     out = batch + (v_free + x_free if weight_is_lhs else x_free + v_free)
-    x_letters, v_letters = "".join(xl), "".join(vl)
-    if v.route is not None:
-        return _routed_term(x, x_letters, v, v_letters, out)
-    term = _low_rank_einsum(
-        x, x_letters, v, v_letters, out, out_sharding=out_sharding, custom_backward=custom_backward
-    )
-    if v.out_scale is None:
-        return term, None
-    return term, broadcast_out_scale(v, v_letters, out)
+    return "".join(xl), "".join(vl), out
 
 
 _EXPERTS = (("s", 0), ("i", 0), ("o", 0))  # (experts, in, out): one stacked axis

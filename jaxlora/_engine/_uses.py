@@ -1,7 +1,7 @@
 """Rules for the equations that view or consume an adapted weight.
 
-Views (casts, transposes, reshapes, ``pvary``, a tiled ``all_gather`` of weight
-shards) map to cheap operations on the factors; consumers (``dot_general``,
+Views (casts, transposes, reshapes, slices, ``pvary``, a tiled ``all_gather``
+of weight shards) map to cheap operations on the factors; consumers (``dot_general``,
 ``ragged_dot``, ``gather``, convolutions) emit ``op(x, W) + s·term`` through
 ``_rules``; a weight norm (a multiplier per output unit, a sum of squares over
 the inputs) stays factored. Each rule returns the equation's outputs, or
@@ -51,7 +51,8 @@ def _transpose(eqn: Any, invals: list, ctx: Context) -> list | None:
 
 def _reshape(eqn: Any, invals: list, ctx: Context) -> list | None:
     """``reshape``, ``squeeze`` and size-preserving ``broadcast_in_dim`` (added unit axes)."""
-    if len(invals) != 1 or eqn.params.get("dimensions") not in (None, ()):
+    reordered = eqn.primitive.name == "reshape" and eqn.params.get("dimensions") not in (None, ())
+    if len(invals) != 1 or reordered:
         return None
     (v,) = invals
     shape = tuple(eqn.outvars[0].aval.shape)
@@ -59,6 +60,48 @@ def _reshape(eqn: Any, invals: list, ctx: Context) -> list | None:
         return None  # a real broadcast
     out = _adapted.reshape(v, _view_of(eqn, v.base), shape)
     return None if out is None else [out]
+
+
+def _slice(eqn: Any, invals: list, ctx: Context) -> list | None:
+    """``slice`` and ``dynamic_slice`` of a weight: the factors are sliced alike.
+
+    Taking a layer or an expert of a stack (``w[i]``, in a Python loop or a
+    ``fori_loop``) slices the factors' stacked axis, and taking part of the
+    inputs or outputs (a fused kernel split by columns) slices ``a`` or ``b``:
+    a slice of ``a ⊗ b`` along a role axis is the product with that factor
+    sliced, and only rank-sized pieces are copied.
+    """
+    v, *starts = invals
+    if not isinstance(v, Adapted) or any(isinstance(s, Adapted | Squared) for s in starts):
+        return None
+    if starts and isinstance(v.base, Lazy):
+        return None  # a quantized base records unary views only: dequantized at this use
+    base = bind(eqn, [v.base, *starts])[0] if starts else _view_of(eqn, v.base)
+    if not v.has_factors:
+        return [dataclasses.replace(v, base=base)]
+    p = eqn.params
+    e, ns = v.n_lead, v.n_stacked
+    a, b, out_scale = v.a, v.b, v.out_scale
+    for d, ((group, k), size) in enumerate(zip(v.roles, v.shape, strict=True)):
+        if starts:
+            cut = lambda f, axis, d=d: lax.dynamic_slice_in_dim(
+                f, starts[d], p["slice_sizes"][d], axis
+            )
+            if p["slice_sizes"][d] == size:
+                continue
+        else:
+            start, limit = p["start_indices"][d], p["limit_indices"][d]
+            stride = 1 if p["strides"] is None else p["strides"][d]
+            if (start, limit, stride) == (0, size, 1):
+                continue
+            cut = lambda f, axis, s=start, m=limit, t=stride: lax.slice_in_dim(f, s, m, t, axis)
+        if group in ("s", "i"):
+            a = cut(a, e + k if group == "s" else e + ns + k)
+        if group in ("s", "o"):
+            b = cut(b, e + k if group == "s" else e + ns + 1 + k)
+            if out_scale is not None:
+                out_scale = cut(out_scale, e + k if group == "s" else e + ns + k)
+    return [dataclasses.replace(v, base=base, a=a, b=b, out_scale=out_scale)]
 
 
 # ------------------------------------------------------------------ consumers
@@ -78,6 +121,13 @@ def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
         lhs = ctx.fallback("dot_general", lhs)  # W1 @ W2: factor the second only
     weight_is_lhs = isinstance(lhs, Adapted)
     v, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
+    dimension_numbers = eqn.params["dimension_numbers"]
+    if v.out_scale is not None and v.route is None:
+        m = _rules.input_multiplier(
+            x, v, weight_is_lhs=weight_is_lhs, dimension_numbers=dimension_numbers
+        )
+        if m is not None:  # the use contracts the scaled outputs (a tied embedding's x @ E.T)
+            x, v = (x * m).astype(x.dtype), dataclasses.replace(v, out_scale=None)
     plain = [v.base, x] if weight_is_lhs else [x, v.base]
     y = bind_at_use(lambda ops: bind(eqn, ops), plain, 0 if weight_is_lhs else 1)[0]
     if not v.has_factors:
@@ -86,7 +136,7 @@ def _dot_general(eqn: Any, invals: list, ctx: Context) -> list | None:
         _dropped(x, v.dropout, ctx),
         v,
         weight_is_lhs=weight_is_lhs,
-        dimension_numbers=eqn.params["dimension_numbers"],
+        dimension_numbers=dimension_numbers,
         out_sharding=_rules.explicit_spec(y),
         custom_backward=not ctx.forward_mode,
     )
@@ -223,6 +273,8 @@ RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     "reshape": _reshape,
     "squeeze": _reshape,
     "broadcast_in_dim": _reshape,
+    "slice": _slice,
+    "dynamic_slice": _slice,
     "all_gather": _all_gather,
     "dot_general": _dot_general,
     "gather": _gather,

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxlora._engine._lazy import Lazy, value_of
 from jaxlora._engine._routing import Route
@@ -221,6 +222,34 @@ def broadcast_out_scale(
     order = "".join(c for c in out_letters if c in so)
     t = jnp.einsum(f"{so}->{order}", v.out_scale)
     return t.reshape([t.shape[order.index(c)] if c in so else 1 for c in out_letters])
+
+
+def factor_specs(v: Adapted, spec: Any) -> list[tuple[Any, PartitionSpec]]:
+    """``[(base, spec), (a, spec_a), (b, spec_b)]`` (and DoRA's ``out_scale``) for ``spec``.
+
+    Each factor axis is sharded like the weight's axis of the same role (``a``'s
+    input axes like the weight's inputs, ``b``'s outputs like its outputs, both
+    stacked axes like its stacked ones; the rank axis whole), so that each
+    shard's slice of ``a ⊗ b`` is the delta of its slice of the weight.
+    """
+    spec = PartitionSpec(*spec)
+    if not v.has_factors:
+        return [(v.base, spec)]
+    entries = (*spec, *(None,) * (len(v.shape) - len(spec)))
+    by_role = dict(zip(v.roles, entries, strict=True))
+    ns = v.n_stacked
+    n_in, n_out = v.a.ndim - ns - 1, v.b.ndim - ns - 1
+    stacked = [by_role[("s", k)] for k in range(ns)]
+    inputs = [by_role[("i", k)] for k in range(n_in)]
+    outputs = [by_role[("o", k)] for k in range(n_out)]
+    parts = [
+        (v.base, spec),
+        (v.a, PartitionSpec(*stacked, *inputs, None)),
+        (v.b, PartitionSpec(*stacked, None, *outputs)),
+    ]
+    if v.out_scale is not None:
+        parts.append((v.out_scale, PartitionSpec(*stacked, *outputs)))
+    return parts
 
 
 # ------------------------------------------------------------------ view ops

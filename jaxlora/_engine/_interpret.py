@@ -222,11 +222,10 @@ def _cond(eqn: Any, invals: list, ctx: Context) -> list | None:
 def _shard_map(eqn: Any, invals: list, ctx: Context) -> list | None:
     """A ``shard_map`` body run on each shard's slice of the weight and of its factors.
 
-    Each factor axis is sharded like the weight's axis of the same role (``a``'s
-    input axes like the weight's inputs, ``b``'s outputs like its outputs, both
-    stacked axes like its stacked ones; the rank axis is whole), so that a
-    shard's slice of ``a ⊗ b`` is the delta of its slice of ``W``. Collectives
-    in the body then reduce the low-rank terms with the frozen ones.
+    The factors are split like the weight's axes of their roles
+    (``_adapted.factor_specs``), so that a shard's slice of ``a ⊗ b`` is the
+    delta of its slice of ``W``. Collectives in the body then reduce the
+    low-rank terms with the frozen ones.
     """
     p = eqn.params
     unsliced = lambda v: isinstance(v.base, Lazy) or v.route is not None
@@ -239,7 +238,7 @@ def _shard_map(eqn: Any, invals: list, ctx: Context) -> list | None:
             operands.append(v)
             specs.append(spec)
             continue
-        parts = _factor_specs(v, spec)
+        parts = _adapted.factor_specs(v, spec)
         slots.append((v, len(operands), len(parts)))
         operands.extend(part for part, _ in parts)
         specs.extend(s for _, s in parts)
@@ -276,23 +275,6 @@ def _shard_map(eqn: Any, invals: list, ctx: Context) -> list | None:
         axis_names=set(manual),
     )
     return list(mapped(*operands, key_data))
-
-
-def _factor_specs(v: Adapted, spec: P) -> list[tuple[Any, P]]:
-    """``[(base, spec), (a, spec_a), (b, spec_b)]`` (and DoRA's ``out_scale``) for shard_map."""
-    entries = (*spec, *(None,) * (len(v.shape) - len(spec)))
-    if not v.has_factors:
-        return [(v.base, spec)]
-    by_role = dict(zip(v.roles, entries, strict=True))
-    ns = v.n_stacked
-    n_in, n_out = v.a.ndim - ns - 1, v.b.ndim - ns - 1
-    stacked = [by_role[("s", k)] for k in range(ns)]
-    inputs = [by_role[("i", k)] for k in range(n_in)]
-    outputs = [by_role[("o", k)] for k in range(n_out)]
-    parts = [(v.base, spec), (v.a, P(*stacked, *inputs, None)), (v.b, P(*stacked, None, *outputs))]
-    if v.out_scale is not None:
-        parts.append((v.out_scale, P(*stacked, *outputs)))
-    return parts
 
 
 _RULES: dict[str, Callable[[Any, list, Context], list | None]] = {

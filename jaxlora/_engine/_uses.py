@@ -1,7 +1,7 @@
 """Rules for the equations that view or consume an adapted weight.
 
-Views (casts, transposes, reshapes, slices, ``pvary``, a tiled ``all_gather``
-of weight shards) map to cheap operations on the factors; consumers (``dot_general``,
+Views (casts, transposes, reshapes, slices, ``pvary``, ``reshard``, a tiled
+``all_gather`` of weight shards) map to cheap operations on the factors; consumers (``dot_general``,
 ``ragged_dot``, ``gather``, convolutions) emit ``op(x, W) + s·term`` through
 ``_rules``; a weight norm (a multiplier per output unit, a sum of squares over
 the inputs) stays factored. Each rule returns the equation's outputs, or
@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding
 
 from jaxlora._engine import _adapted, _rules
 from jaxlora._engine._adapted import Adapted
@@ -267,6 +268,30 @@ def _all_gather(eqn: Any, invals: list, ctx: Context) -> list | None:
     return [dataclasses.replace(v, base=base, a=a, b=b, out_scale=out_scale)]
 
 
+def _reshard(eqn: Any, invals: list, ctx: Context) -> list | None:
+    """``reshard`` of a weight (FSDP on an ``Explicit`` mesh gathers it before its use).
+
+    Each factor is resharded like the weight's axes of its role (the rank axis
+    whole): ``a ⊗ b`` then has the weight's new sharding, and only rank-sized
+    shards move.
+    """
+    (v,) = invals
+    if v.route is not None:
+        return None
+    dst = eqn.params["dst_sharding"]
+    base = _view_of(eqn, v.base)
+    if not v.has_factors:
+        return [dataclasses.replace(v, base=base)]
+    moved = [
+        jax.sharding.reshard(f, NamedSharding(dst.mesh, spec))
+        for f, spec in _adapted.factor_specs(v, dst.spec)[1:]
+    ]
+    a, b, *out_scale = moved
+    return [
+        dataclasses.replace(v, base=base, a=a, b=b, out_scale=out_scale[0] if out_scale else None)
+    ]
+
+
 RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     **{name: _view for name in _VIEW_OPS},
     "transpose": _transpose,
@@ -276,6 +301,7 @@ RULES: dict[str, Callable[[Any, list, Context], list | None]] = {
     "slice": _slice,
     "dynamic_slice": _slice,
     "all_gather": _all_gather,
+    "reshard": _reshard,
     "dot_general": _dot_general,
     "gather": _gather,
     "ragged_dot_general": _ragged_dot,

@@ -12,9 +12,11 @@ XLA runs without transposing activations. Higher-order primitives (``jit``,
 ``scan``, ``while``, ``cond``, ``remat``, ``shard_map``, custom derivatives)
 are re-emitted around an interpreted body, so ``nn.scan``-stacked adapters are
 sliced per layer with their weights, ``shard_map`` bodies get each shard's
-slice of the factors, and remat policies are kept. A weight norm (a multiplier
-per output unit, the sum of squares over the inputs) stays factored too. Any
-other use merges the weight at that use only. ``_layout`` reads, from the same
+slice of the factors, and remat policies are kept. Slices of a weight (a
+layer or expert taken by ``w[i]``) slice its factors, ``reshard`` reshards them,
+and a weight norm (a multiplier per output unit, the sum of squares over the
+inputs: ``_norms``) stays factored too. Any other use merges the weight at that
+use only. ``_layout`` reads, from the same
 kind of trace, which axes of each weight are stacked, inputs and outputs
 (``infer_layout``).
 

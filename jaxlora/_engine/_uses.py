@@ -1,12 +1,12 @@
 """Rules for the equations that view or consume an adapted weight.
 
 Views (casts, transposes, reshapes, slices, ``pvary``, ``reshard``, a tiled
-``all_gather`` of weight shards) map to cheap operations on the factors; consumers (``dot_general``,
-``ragged_dot``, ``gather``, convolutions) emit ``op(x, W) + s·term`` through
-``_rules``; a weight norm (a multiplier per output unit, a sum of squares over
-the inputs) stays factored. Each rule returns the equation's outputs, or
-``None`` when the use does not fit (the interpreter then merges the weight
-there).
+``all_gather`` of weight shards) map to cheap operations on the factors;
+consumers (``dot_general``, ``ragged_dot``, ``gather``, convolutions) emit
+``op(x, W) + s·term`` through ``_rules``; a weight norm (a multiplier per
+output unit, a sum of squares over the inputs) stays factored. Each rule
+returns the equation's outputs, or ``None`` when the use does not fit (the
+interpreter then merges the weight there).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding
 
-from jaxlora._engine import _adapted, _rules
+from jaxlora._engine import _adapted, _norms, _rules
 from jaxlora._engine._adapted import Adapted
 from jaxlora._engine._context import Context, Squared, bind
 from jaxlora._engine._lazy import Lazy, bind_at_use
@@ -201,7 +201,7 @@ def _scaled_by(v: Adapted, m: Any, eqn: Any) -> list | None:
         return None
     if tuple(eqn.outvars[0].aval.shape) != v.shape:
         return None  # the product broadcasts the weight itself
-    mult = _rules.output_multiplier(v, m)
+    mult = _norms.output_multiplier(v, m)
     if mult is None:
         return None
     out_scale = mult if v.out_scale is None else v.out_scale * mult
@@ -237,7 +237,7 @@ def _reduce_sum(eqn: Any, invals: list, ctx: Context) -> list | None:
     (sq,) = invals
     if not isinstance(sq, Squared) or not sq.v.has_factors:
         return None
-    norms = _rules.squared_norms(sq.v, tuple(eqn.params["axes"]))
+    norms = _norms.squared_norms(sq.v, tuple(eqn.params["axes"]))
     return None if norms is None else [norms]
 
 

@@ -62,3 +62,38 @@ def train(loss, base, delta, batch, *, steps, lr):
         delta, state, value = step(delta, state, base, batch)
         losses.append(float(value))
     return delta, losses
+
+
+def tiny_hf_configs(t):
+    """``transformers`` configs of one-layer, width-16 models (random weights, fast to build).
+
+    ``t`` is the ``transformers`` module; the same configs build its PyTorch models
+    (``tests/test_presets.py``) and its Flax ports (``tests/test_hf_flax.py``).
+    """
+    small = dict(vocab_size=60, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    block = dict(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    decoder = dict(**block, **small, num_key_value_heads=1, max_position_embeddings=16)
+    return {
+        "gpt2": t.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=16, **small),
+        "t5": t.T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, **small),
+        "bloom": t.BloomConfig(n_layer=1, hidden_size=16, n_head=2, **small),
+        "albert": t.AlbertConfig(**block, embedding_size=8, **small),
+        "whisper": t.WhisperConfig(
+            encoder_layers=1,
+            decoder_layers=1,
+            d_model=16,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            num_mel_bins=8,
+            max_source_positions=8,
+            max_target_positions=8,
+            decoder_start_token_id=1,
+            **small,
+        ),
+        "vit": t.ViTConfig(**block, image_size=8, patch_size=4),
+        "bert": t.BertConfig(**block, **small),
+        "llama": t.LlamaConfig(**decoder),
+        "mistral": t.MistralConfig(**decoder),
+    }

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxlora import _paths
+from tests.helpers import tiny_hf_configs
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -23,60 +24,17 @@ Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
 
 def _models():
-    t = transformers
-    small = dict(vocab_size=60, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return {
-        "gpt2": lambda: t.GPT2Model(t.GPT2Config(n_layer=1, n_embd=16, n_head=2, **small)),
-        "t5": lambda: t.T5Model(
-            t.T5Config(num_layers=1, d_model=16, d_ff=32, num_heads=2, d_kv=8, **small)
-        ),
-        "bloom": lambda: t.BloomModel(t.BloomConfig(n_layer=1, hidden_size=16, n_head=2, **small)),
-        "albert": lambda: t.AlbertModel(
-            t.AlbertConfig(
-                num_hidden_layers=1,
-                hidden_size=16,
-                num_attention_heads=2,
-                intermediate_size=32,
-                embedding_size=8,
-                **small,
-            )
-        ),
-        "whisper": lambda: t.WhisperModel(
-            t.WhisperConfig(
-                encoder_layers=1,
-                decoder_layers=1,
-                d_model=16,
-                encoder_attention_heads=2,
-                decoder_attention_heads=2,
-                encoder_ffn_dim=32,
-                decoder_ffn_dim=32,
-                num_mel_bins=8,
-                max_source_positions=8,
-                max_target_positions=8,
-                decoder_start_token_id=1,
-                **small,
-            )
-        ),
-        "vit": lambda: t.ViTModel(
-            t.ViTConfig(
-                num_hidden_layers=1,
-                hidden_size=16,
-                num_attention_heads=2,
-                intermediate_size=32,
-                image_size=8,
-                patch_size=4,
-            )
-        ),
-        "bert": lambda: t.BertModel(
-            t.BertConfig(
-                num_hidden_layers=1,
-                hidden_size=16,
-                num_attention_heads=2,
-                intermediate_size=32,
-                **small,
-            )
-        ),
+    t, configs = transformers, tiny_hf_configs(transformers)
+    classes = {
+        "gpt2": t.GPT2Model,
+        "t5": t.T5Model,
+        "bloom": t.BloomModel,
+        "albert": t.AlbertModel,
+        "whisper": t.WhisperModel,
+        "vit": t.ViTModel,
+        "bert": t.BertModel,
     }
+    return {name: (lambda cls=cls, name=name: cls(configs[name])) for name, cls in classes.items()}
 
 
 def _role(name: str, parent: str) -> str | None:

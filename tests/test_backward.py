@@ -45,6 +45,7 @@ def mlp():
     return params, normal(N_BATCH, N_SEQ, D, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forward_mode", [False, True])
 def test_factor_and_input_gradients_equal_the_dense_derivative(mlp, forward_mode):
     params, x = mlp

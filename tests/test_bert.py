@@ -98,6 +98,7 @@ def tiny():
     return ids, mask, jax.jit(BertModel(TINY).init)(jax.random.key(1), ids, mask)["params"]
 
 
+@pytest.mark.slow
 def test_param_tree_mirrors_hugging_face(tiny):
     _, _, params = tiny
     shapes = {

@@ -26,6 +26,7 @@ def _encoded(lengths, seed=0):
 # --- the command, end to end -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     code = cli.main(["demo", "--quick", "--out", str(tmp_path)])
     out, err = capsys.readouterr()
@@ -227,6 +228,7 @@ def test_probe_folds_standardization_into_a_plain_head():
 # --- progress bar ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_quick_demo_with_dora_on_a_4_bit_base(tmp_path, capsys):
     code = cli.main(
         ["demo", "--quick", "--variant", "dora", "--quantize", "nf4", "--out", str(tmp_path)]

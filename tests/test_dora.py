@@ -79,6 +79,7 @@ def test_stacked_forward_matches_the_dense_formula(key):
     np.testing.assert_allclose(out, apply(dense, x), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("groups", [1, 4])
 def test_dora_on_convolutions_and_embeddings_is_factored_and_matches_the_dense_formula(key, groups):
     """A conv kernel (kh, kw, in/groups, out) and an embedding table: no weight merged at use."""

@@ -210,7 +210,7 @@ def _layer_by_index(p, x):
     return jax.lax.fori_loop(1, 3, lambda i, h: jnp.tanh(h @ w[i]), x)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("use_dora", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_slices_of_a_weight_slice_its_factors(key, use_dora):
     x = jax.random.normal(key, (5, 12))
     fused = {"qkv": {"kernel": jax.random.normal(jax.random.fold_in(key, 1), (12, 24)) / 4}}
@@ -339,6 +339,7 @@ def test_vmap_over_the_wrapped_function(key):
 # ---------------------------------------------------------------- property test
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_random_dot_general_dimension_numbers(data):

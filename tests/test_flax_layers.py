@@ -150,6 +150,7 @@ def test_infer_layout_reads_each_layers_documented_layout(name):
     assert jaxlora.infer_layout(fn, params, x) == _expected_config(layouts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_adapted_flax_layers_match_merge_with_the_inferred_layout(name):
     make, layouts, targets = CASES[name]
@@ -217,6 +218,7 @@ def _weight_norm(layer, x):
     return (lambda p, x: model.apply({"params": p}, x)), params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layer, shape, input_axes",
     [
@@ -266,6 +268,7 @@ def test_a_multiplier_along_the_inputs_falls_back_and_stays_right():
     np.testing.assert_allclose(got, fn(jaxlora.merge(base, delta), x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_an_l2_penalty_on_an_adapted_weight_is_factored():
     """``sum(W²)`` over every axis (weight decay in the loss): the column norms, summed."""
     params = {"layers": {"proj": {"kernel": normal(3, 4, 6)}}}

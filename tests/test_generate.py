@@ -40,6 +40,7 @@ def greedy_by_recomputation(model, params, prompt, n):
     return seq[len(prompt) :]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_logits_equal_full_recomputation(scan):
     config, model, params = model_and_params(scan)
@@ -54,6 +55,7 @@ def test_cached_logits_equal_full_recomputation(scan):
     assert int(cache.index) == 8 and bool(cache.mask.all())
 
 
+@pytest.mark.slow
 def test_left_padding_masks_and_positions_equal_the_unpadded_sequence():
     _, model, params = model_and_params()
     tokens, mask = left_pad([[1, 2, 3, 4, 5], [7, 8]])
@@ -68,6 +70,7 @@ def test_left_padding_masks_and_positions_equal_the_unpadded_sequence():
     np.testing.assert_allclose(last[:, 0], padded[:, 4], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_greedy_generation_equals_recomputation_for_each_prompt_of_a_batch(scan):
     config, model, params = model_and_params(scan)
@@ -90,6 +93,7 @@ def test_generation_stops_at_eos_and_pads():
     assert out.sequences()[0] == row[:stop]
 
 
+@pytest.mark.slow
 def test_lora_generation_equals_the_merged_model_and_routes_adapters_per_sequence(key):
     config, model, params = model_and_params()
     lora_config = jaxlora.LoraConfig(rank=4, targets="all-linear")
@@ -119,6 +123,7 @@ def test_lora_generation_equals_the_merged_model_and_routes_adapters_per_sequenc
     np.testing.assert_array_equal(mixed.tokens, np.stack(alone))
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_nucleus_of_one_token_is_greedy():
     config, model, params = model_and_params()
     fn, kw = plain_fn(model), dict(config=config, max_new_tokens=6, eos_id=-1)

@@ -92,6 +92,7 @@ def qlora_logits(config, params, tokens):
 # --- (a) dequantization, bit for bit, on the real file ---------------------------------------
 
 
+@pytest.mark.slow
 def test_every_tensor_of_the_real_file_dequantizes_bit_exactly(real):
     config, params = load_gguf_llama(real)
     assert_init_tree(config, params)
@@ -141,6 +142,7 @@ def test_every_tensor_of_the_real_file_dequantizes_bit_exactly(real):
     assert len(reader.tensors) == 272 and seen == {"Q4_1", "Q8_0", "F32"}
 
 
+@pytest.mark.slow
 def test_saving_the_loaded_real_file_writes_its_tensors_byte_for_byte(real, tmp_path):
     config, params = load_gguf_llama(real, scan_layers=True)
     out = tmp_path / "copy.gguf"
@@ -329,6 +331,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.slow
 def test_tokenizer_and_chat_template_match_transformers(meta, hf_tokenizer):
     tok, bos, eos = load_gguf_tokenizer(meta)
     assert (bos, eos) == (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id) == (1, 2)
@@ -355,6 +358,7 @@ def test_tokenizer_of_the_real_file(real, meta):
 # --- (e) scanned layers, and QLoRA training on the file's codes ----------------------------
 
 
+@pytest.mark.slow
 def test_scanned_layers_give_the_same_logits(real):
     tokens = jnp.asarray([CHAT_IDS[:16]])
     config, params = load_gguf_llama(real)
@@ -379,6 +383,7 @@ def test_scanned_layers_give_the_same_logits(real):
     )
 
 
+@pytest.mark.slow
 def test_qlora_trains_on_the_checkpoints_own_codes(real):
     config, params = load_gguf_llama(real, scan_layers=True)
     tokens = jnp.asarray([CHAT_IDS])
@@ -663,6 +668,7 @@ def test_tokenizer_and_template_errors():
 # --- the engine slices stacked ggml weights per scanned layer ------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer_axis_first", [True, False])
 def test_scan_slices_stored_transposed_weights_or_falls_back(key, layer_axis_first):
     config = LlamaConfig.tiny(scan_layers=True)

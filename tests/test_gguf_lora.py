@@ -47,6 +47,7 @@ def _gguf_order(kernel, name, config):
     return w
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize(
     "lora_config",

@@ -43,6 +43,7 @@ def _jitted_apply(model):
 # --- routing -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ROUTINGS)
 @pytest.mark.parametrize(
     ("seq", "ids"),
@@ -66,6 +67,7 @@ def test_every_routing_gives_each_example_its_own_adapter(llama, routing, seq, i
             np.testing.assert_allclose(out[row], want[i][row], **TOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_routed_gradients_are_each_adapters_own(llama, routing):
     config, model, params = llama
@@ -115,6 +117,7 @@ def _train_alone(model, base, delta, tokens, targets, tx, steps):
     return delta
 
 
+@pytest.mark.slow
 def test_one_step_trains_each_adapter_as_if_alone(llama):
     config, model, params = llama
     ranks, alphas, rates = (2, 4, 3), (4.0, 8.0, 3.0), (1e-2, 3e-2, 5e-3)
@@ -233,6 +236,7 @@ def test_per_adapter_errors():
 # --- serving pools -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pool_slots_fill_replace_and_clear_without_recompiling(llama):
     config, model, params = llama
     base, deltas = _deltas(params, 3, ranks=(1, 2, 4), alphas=(3.0, 8.0, 5.0))
@@ -257,6 +261,7 @@ def test_pool_slots_fill_replace_and_clear_without_recompiling(llama):
     assert _pool._write._cache_size() == 1  # every put and clear: one compiled write
 
 
+@pytest.mark.slow
 def test_decoding_from_a_pool_equals_decoding_with_each_adapter(llama):
     config, model, params = llama
     base, deltas = _deltas(params, 2, ranks=(2, 3))

@@ -66,6 +66,7 @@ def test_forward_equals_each_expert_with_its_own_adapter():
     )
 
 
+@pytest.mark.slow
 def test_gradients_equal_the_merge_strategys():
     _, base, delta, x = _setup()
 
@@ -89,6 +90,7 @@ def test_the_compiled_step_keeps_no_merged_expert_weight():
     assert (E, D, F) not in shapes and (E, F, D) not in shapes
 
 
+@pytest.mark.slow
 def test_qlora_experts():
     _, base, delta, x = _setup()
     q = jaxlora.quantize(base, block_size=16)
@@ -221,6 +223,7 @@ def _dense_moe_block(p, x, cfg):
     return out.reshape(x.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [False, True])
 def test_the_moe_block_equals_a_token_by_token_reference(shared):
     from jaxlora.models.moe import MoeBlock, MoeConfig
@@ -234,6 +237,7 @@ def test_the_moe_block_equals_a_token_by_token_reference(shared):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_lora_on_the_decoders_experts_with_an_inferred_layout_matches_merge():
     """``infer_layout`` reads the expert axis; presets find experts; every use is factored."""
     from jaxlora.models.moe import MoeConfig, MoeDecoder
@@ -282,6 +286,7 @@ def test_moe_config_rejects_bad_sizes():
         MoeConfig(llama={"d_model": 8}, n_experts=2, d_expert=4)
 
 
+@pytest.mark.slow
 def test_expert_adapters_as_peft_files_of_per_expert_modules_load_into_peft(tmp_path):
     """Mixtral's PEFT layout: one ``nn.Linear`` per expert (``experts.{e}.w1``).
 

@@ -25,6 +25,7 @@ def _deltas(params, n, key):
     return random_deltas(params, ranks, alphas, key, b_key=100)
 
 
+@pytest.mark.slow
 def test_mixed_batch_equals_each_adapter_alone(llama, key):
     apply, params, tokens = llama
     base, deltas = _deltas(params, 3, key)
@@ -39,6 +40,7 @@ def test_mixed_batch_equals_each_adapter_alone(llama, key):
     assert not np.allclose(f(base, deltas[0], tokens), f(base, deltas[1], tokens), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_pad_rank_is_exact_and_swaps_do_not_recompile(llama, key):
     apply, params, tokens = llama
     base, deltas = _deltas(params, 3, key)

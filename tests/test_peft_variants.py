@@ -65,6 +65,7 @@ def _configs():
 CASES = list(_configs())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_export_matches_peft(torch_libs, bert_model, tmp_path, case):
     _, _, hf_peft = torch_libs

@@ -111,6 +111,7 @@ def _tiny_plan() -> Plan:
     )
 
 
+@pytest.mark.slow
 def test_compiled_plan_full_costs_more_than_lora():
     p = _tiny_plan()
     print(f"\n{p}")
@@ -218,6 +219,7 @@ def test_sharded_plan_reports_per_device_memory():
 # ------------------------------------------------------------------------ the CLI
 
 
+@pytest.mark.slow
 def test_cli_plans_a_preset(capsys):
     assert main(["plan", "tiny", "--seq", "16", "--quantize", "none", "--device-memory",
                  "80GB", "--targets", "q_proj,v_proj"]) == 0  # fmt: skip

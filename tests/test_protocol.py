@@ -207,6 +207,7 @@ def _sharded_mlp(mesh):
     return jax.device_put(params, shardings), shardings, x, apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "dora", "vera", "adalora"])
 def test_variants_shard_like_their_weights_and_restore_onto_old_shardings(tmp_path, kind):
     # Auto axes: on an Explicit mesh the row-parallel matmul itself needs out_sharding=

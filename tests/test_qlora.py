@@ -86,6 +86,7 @@ def loss_of(apply, base, delta, x):
     return jnp.sum(jaxlora.lora_apply(apply)(base, delta, x) ** 2)
 
 
+@pytest.mark.slow
 def test_qlora_training_on_the_reference_decoder_lowers_the_loss(key):
     config = LlamaConfig.tiny(scan_layers=True)
     model = Llama(config)
@@ -100,6 +101,7 @@ def test_qlora_training_on_the_reference_decoder_lowers_the_loss(key):
     assert losses[-1] < 0.9 * losses[0]  # from ln(256): memorizing random tokens
 
 
+@pytest.mark.slow
 def test_a_scanned_stack_whose_double_quant_groups_span_layers_is_factored(key):
     """64 x 64 per layer = 64 blocks: a group of 256 block scales spans both layers.
 
@@ -171,6 +173,7 @@ def test_split_of_a_quantized_tree(key):
     assert quant.bits_per_parameter(base["w"]) < 4.2
 
 
+@pytest.mark.slow
 def test_scanned_qlora_step_compiles_with_every_input_kept(key):
     """Regression: custom-VJP residuals must be arrays (keep_unused turns any into inputs)."""
     config = LlamaConfig.tiny(scan_layers=True)

@@ -12,6 +12,7 @@ from jaxlora.apps.llm_demo import model_file
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_quickstart_runs_and_trains(tmp_path):
     text = README.read_text()
     section = text[text.index("## Quickstart") :]

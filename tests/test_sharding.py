@@ -384,6 +384,7 @@ def _train(layout: str | None) -> _Run:
     return _Run(tuple(losses), jax.device_get(delta), compiled, memory, floor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_sharded_lora_step_matches_single_device(layout):
     single, sharded = _train(None), _train(layout)

@@ -142,6 +142,7 @@ def test_merge_in_float32_casts_back_to_bfloat16(key):
     np.testing.assert_allclose(np.asarray(merged, np.float32), expected, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(
     n_in=st.integers(1, 12),
@@ -347,6 +348,7 @@ def _loss_fn(apply):
     return loss
 
 
+@pytest.mark.slow
 def test_gradients_reach_only_adapters(key):
     params, x, apply = _mlp(key)
     base, delta = jaxlora.split(params, jaxlora.LoraConfig(rank=2, targets="all-linear"), key=key)

@@ -58,6 +58,19 @@ def _reference(params, delta, x):
     return out
 
 
+def _assert_grads_equal_merges(fn, base, delta, *args, reduce=jnp.sum, rtol=1e-4, atol=1e-5):
+    """The use-site gradients of ``reduce(sin(fn))`` equal the merge strategy's; returns them."""
+
+    def grad(strategy):
+        f = jaxlora.lora_apply(fn, strategy=strategy)
+        return jax.grad(lambda d: reduce(jnp.sin(f(base, d, *args))))(delta)
+
+    got, want = grad("use-site"), grad("merge")
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+    return got
+
+
 def test_forward_equals_each_expert_with_its_own_adapter():
     params, base, delta, x = _setup()
     f = jax.jit(jaxlora.lora_apply(moe, strict=True))  # strict: a fallback would raise
@@ -69,15 +82,7 @@ def test_forward_equals_each_expert_with_its_own_adapter():
 @pytest.mark.slow
 def test_gradients_equal_the_merge_strategys():
     _, base, delta, x = _setup()
-
-    def loss(strategy):
-        f = jaxlora.lora_apply(moe, strategy=strategy)
-        return lambda d: jnp.sum(jnp.sin(f(base, d, x, GROUPS)))
-
-    got = jax.grad(loss("use-site"))(delta)
-    want = jax.grad(loss("merge"))(delta)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    got = _assert_grads_equal_merges(moe, base, delta, x, GROUPS)
     assert float(jnp.abs(got["experts"]["up"].a[1]).max()) == 0.0  # expert 1 saw no token
 
 
@@ -174,13 +179,9 @@ def test_experts_used_through_an_expert_axis_are_factored(fn):
     want = _per_expert_reference(params, delta, x_e)
     np.testing.assert_allclose(jax.jit(f)(base, delta, x_e), want, rtol=1e-5, atol=1e-5)
 
-    loss = lambda strategy: (
-        lambda d: jnp.sum(jnp.sin(jaxlora.lora_apply(fn, strategy=strategy)(base, d, x_e)))
-    )
-    got, ref = jax.grad(loss("use-site"))(delta), jax.grad(loss("merge"))(delta)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
-    products = _dot_shapes(jax.make_jaxpr(jax.grad(loss("use-site")))(delta).jaxpr)
+    _assert_grads_equal_merges(fn, base, delta, x_e)
+    loss = lambda d: jnp.sum(jnp.sin(f(base, d, x_e)))
+    products = _dot_shapes(jax.make_jaxpr(jax.grad(loss))(delta).jaxpr)
     assert not products & {(E, D, F), (1, D, F), (D, F)}  # no a@b of the stack or an expert
 
 
@@ -265,12 +266,7 @@ def test_lora_on_the_decoders_experts_with_an_inferred_layout_matches_merge():
     f = jaxlora.lora_apply(apply, strict=True)
     want = apply(jaxlora.merge(base, delta), tokens)
     np.testing.assert_allclose(jax.jit(f)(base, delta, tokens), want, rtol=1e-4, atol=1e-4)
-    loss = lambda strategy: (
-        lambda d: jnp.mean(jnp.sin(jaxlora.lora_apply(apply, strategy=strategy)(base, d, tokens)))
-    )
-    got, ref = jax.grad(loss("use-site"))(delta), jax.grad(loss("merge"))(delta)
-    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-3, atol=1e-6)
+    _assert_grads_equal_merges(apply, base, delta, tokens, reduce=jnp.mean, rtol=1e-3, atol=1e-6)
 
 
 def test_moe_config_rejects_bad_sizes():

@@ -224,6 +224,25 @@ def broadcast_out_scale(
     return t.reshape([t.shape[order.index(c)] if c in so else 1 for c in out_letters])
 
 
+def along_axis(v: Adapted, d: int, op: Any) -> Adapted:
+    """``v`` with ``op(array, axis)`` applied to each factor that holds view axis ``d``.
+
+    An input axis lives in ``a``, an output axis in ``b`` (and ``out_scale``), a
+    stacked axis in all of them. Ops that act on one axis independently of the
+    others (slicing it, gathering its shards) then act on ``a ⊗ b`` alike.
+    """
+    group, k = v.roles[d]
+    e, ns = v.n_lead, v.n_stacked
+    a, b, out_scale = v.a, v.b, v.out_scale
+    if group in ("s", "i"):
+        a = op(a, e + k if group == "s" else e + ns + k)
+    if group in ("s", "o"):
+        b = op(b, e + k if group == "s" else e + ns + 1 + k)
+        if out_scale is not None:
+            out_scale = op(out_scale, e + k if group == "s" else e + ns + k)
+    return dataclasses.replace(v, a=a, b=b, out_scale=out_scale)
+
+
 def factor_specs(v: Adapted, spec: Any) -> list[tuple[Any, PartitionSpec]]:
     """``[(base, spec), (a, spec_a), (b, spec_b)]`` (and DoRA's ``out_scale``) for ``spec``.
 

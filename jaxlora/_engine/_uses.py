@@ -77,32 +77,27 @@ def _slice(eqn: Any, invals: list, ctx: Context) -> list | None:
         return None
     if starts and isinstance(v.base, Lazy):
         return None  # a quantized base records unary views only: dequantized at this use
+    shape = v.shape  # the weight's, before the slice
     base = bind(eqn, [v.base, *starts])[0] if starts else _view_of(eqn, v.base)
+    v = dataclasses.replace(v, base=base)
     if not v.has_factors:
-        return [dataclasses.replace(v, base=base)]
+        return [v]
     p = eqn.params
-    e, ns = v.n_lead, v.n_stacked
-    a, b, out_scale = v.a, v.b, v.out_scale
-    for d, ((group, k), size) in enumerate(zip(v.roles, v.shape, strict=True)):
+    for d, size in enumerate(shape):
         if starts:
+            if p["slice_sizes"][d] == size:
+                continue
             cut = lambda f, axis, d=d: lax.dynamic_slice_in_dim(
                 f, starts[d], p["slice_sizes"][d], axis
             )
-            if p["slice_sizes"][d] == size:
-                continue
         else:
             start, limit = p["start_indices"][d], p["limit_indices"][d]
             stride = 1 if p["strides"] is None else p["strides"][d]
             if (start, limit, stride) == (0, size, 1):
                 continue
             cut = lambda f, axis, s=start, m=limit, t=stride: lax.slice_in_dim(f, s, m, t, axis)
-        if group in ("s", "i"):
-            a = cut(a, e + k if group == "s" else e + ns + k)
-        if group in ("s", "o"):
-            b = cut(b, e + k if group == "s" else e + ns + 1 + k)
-            if out_scale is not None:
-                out_scale = cut(out_scale, e + k if group == "s" else e + ns + k)
-    return [dataclasses.replace(v, base=base, a=a, b=b, out_scale=out_scale)]
+        v = _adapted.along_axis(v, d, cut)
+    return [v]
 
 
 # ------------------------------------------------------------------ consumers
@@ -255,17 +250,9 @@ def _all_gather(eqn: Any, invals: list, ctx: Context) -> list | None:
     base = _view_of(eqn, v.base)
     if not v.has_factors:
         return [dataclasses.replace(v, base=base)]
-    group, k = v.roles[p["all_gather_dimension"]]
-    ns = v.n_stacked
     gather = lambda f, axis: lax.all_gather(f, p["axis_name"], axis=axis, tiled=True)
-    a, b, out_scale = v.a, v.b, v.out_scale
-    if group in ("s", "i"):
-        a = gather(a, k if group == "s" else ns + k)
-    if group in ("s", "o"):
-        b = gather(b, k if group == "s" else ns + 1 + k)
-        if out_scale is not None:
-            out_scale = gather(out_scale, k if group == "s" else ns + k)
-    return [dataclasses.replace(v, base=base, a=a, b=b, out_scale=out_scale)]
+    gathered = _adapted.along_axis(v, p["all_gather_dimension"], gather)
+    return [dataclasses.replace(gathered, base=base)]
 
 
 def _reshard(eqn: Any, invals: list, ctx: Context) -> list | None:
